@@ -1,0 +1,21 @@
+"""haet: Hardware-Aware Efficient Training.
+
+Train PyTorch models with less time, memory and energy, and measure it honestly::
+
+    from haet import Trainer, Budget
+    record = Trainer(model, train_data, eval_data, budget=Budget(time_s=600)).fit(epochs=20)
+"""
+
+__version__ = "0.1.0"
+
+from .core.budget import Budget  # noqa: E402
+from .core.errors import ConfigError  # noqa: E402
+from .core.events import Event  # noqa: E402
+from .core.method import Method  # noqa: E402
+from .core.record import RunRecord  # noqa: E402
+from .core.state import State  # noqa: E402
+from .core.trainer import Trainer, evaluate, seed_everything  # noqa: E402
+from .data.loader import Loader, TensorData  # noqa: E402
+
+__all__ = ["Trainer", "Budget", "Method", "Event", "State", "RunRecord", "ConfigError", "TensorData", "Loader",
+           "evaluate", "seed_everything", "__version__"]

@@ -1,0 +1,307 @@
+"""The ``haet`` command: a thin layer over the library.
+
+    haet tasks
+    haet methods
+    haet train --task T [--model M] [--method NAME[:k=v,k=v]]... [--epochs N] [--budget ...]
+               [--seed S] [--device auto|cpu|cuda] [--out DIR] [--overwrite] [--checkpoint]
+               [--resume DIR] [--quiet] [--data-dir DIR]
+    haet bench --task T --methods baseline,NAME[:k=v],... [--seeds N] [--epochs N] [--budget ...] --out DIR
+    haet report DIR... [--out DIR]
+
+Exit codes: 0 success; 2 bad input (one line on stderr naming the valid choices, nothing
+written); 1 a failure during training (the record of what ran is still written), an interrupt,
+or a loss that became non-finite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .core.budget import Budget
+from .core.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# Wide tables when writing to a file or a pipe (CI logs, `make run | tee`); the terminal's width otherwise.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input in one line and exits 2."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="haet", description="Hardware-Aware Efficient Training: train cheaper, measure honestly.")
+    p.add_argument("--version", action="version", version=f"haet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("tasks", help="list tasks")
+    sub.add_parser("methods", help="list methods: name, one line, paper")
+
+    t = sub.add_parser("train", help="train one model and write its record")
+    t.add_argument("--task", help="a task from `haet tasks` (default mnist5k)")
+    t.add_argument("--model", help="a model the task accepts (default: the task's)")
+    t.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,k=v]",
+                   help="a method and its parameters; repeat to combine methods")
+    t.add_argument("--epochs", type=int, help="epochs to train (default 5; with --resume, the total)")
+    t.add_argument("--budget", help="limits: time=60s,energy=200J,steps=1000,flops=1e12,mem=512MB")
+    t.add_argument("--seed", type=int, help="seed of weights, data split and order (default 0)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when available")
+    t.add_argument("--batch-size", type=int, help="samples per batch (default 64)")
+    t.add_argument("--data-dir", help="directory of a task's files (cifar10)")
+    t.add_argument("--out", help="directory for record.json, metrics.jsonl (default runs/train/<task>-<time>)")
+    t.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
+    t.add_argument("--checkpoint", action="store_true", help="save checkpoint.pt at each epoch end")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or summary; print the record path")
+
+    b = sub.add_parser("bench", help="run the baseline and methods over seeds; write a report")
+    b.add_argument("--task", default="mnist5k", help="a task from `haet tasks`")
+    b.add_argument("--model", help="a model the task accepts (default: the task's)")
+    b.add_argument("--methods", required=True,
+                   help="comma-separated: baseline,NAME[:k=v,k=v],...; join methods with + ; `all` = every method")
+    b.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    b.add_argument("--epochs", type=int, default=5, help="epochs per run (default 5)")
+    b.add_argument("--budget", help="limits per run: time=60s,energy=200J,steps=1000,flops=1e12,mem=512MB")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    b.add_argument("--data-dir", help="directory of a task's files (cifar10)")
+    b.add_argument("--out", required=True, help="directory for runs/, results.csv, report.md, pareto.png")
+    b.add_argument("--overwrite", action="store_true", help="replace a previous bench in --out")
+    b.add_argument("--quiet", action="store_true", help="print only the paths written")
+
+    r = sub.add_parser("report", help="rebuild results.csv, report.md, pareto.png from records")
+    r.add_argument("dirs", nargs="+", help="directories searched for record.json")
+    r.add_argument("--out", help="where to write (default: the first directory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"tasks": cmd_tasks, "methods": cmd_methods, "train": cmd_train, "bench": cmd_bench,
+                "report": cmd_report}[args.command](args)
+    except ConfigError as e:
+        print(f"haet: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("haet: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+# -- listings ----------------------------------------------------------------------------------
+def cmd_tasks(args) -> int:
+    from .data.tasks import TASKS
+
+    table = Table(title="haet tasks")
+    for col in ("task", "description", "default model", "models", "data"):
+        table.add_column(col)
+    for t in TASKS.values():
+        table.add_row(t.name, t.summary, t.default_model, ", ".join(t.models),
+                      t.source + (" (--data-dir)" if t.needs_data_dir else ""))
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_methods(args) -> int:
+    from .methods import PLANNED, registry
+
+    reg = registry()
+    table = Table(title="haet methods")
+    for col in ("method", "what it does", "paper", "status"):
+        table.add_column(col)
+    table.add_row("baseline", "no method (bench --methods only)", "–", "available")
+    for name, cls in reg.items():
+        table.add_row(name, cls.summary, cls.paper, "available")
+    for name, what in PLANNED.items():
+        if name not in reg:
+            table.add_row(name, what, "see PAPERS", "[dim]not implemented yet[/dim]")
+    out.print(table)
+    return EXIT_OK
+
+
+# -- train -------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .bench import RunConfig, check_out_dir, clear_outputs, execute, prepare
+
+    if args.resume:
+        resume_dir = Path(args.resume)
+        config = RunConfig.from_json(resume_dir / "config.json") if (resume_dir / "config.json").is_file() else None
+        if config is None:
+            raise ConfigError(f"--resume {resume_dir}: no config.json there (not a haet train --checkpoint run)")
+        for name, given, saved in (("task", args.task, config.task), ("model", args.model, config.model),
+                                   ("seed", args.seed, config.seed)):
+            if given is not None and given != saved:
+                raise ConfigError(f"--resume: the run in {resume_dir} has {name} {saved!r}, not {given!r}")
+        if args.method and "+".join(args.method) != config.methods:
+            raise ConfigError(f"--resume: the run in {resume_dir} has methods {config.methods!r}")
+        if args.epochs is not None:
+            config.epochs = args.epochs
+        out_dir, checkpoint = resume_dir, True
+        from .core import checkpoint as ckpt
+
+        ckpt.load(resume_dir)  # a clear error now if the checkpoint is missing or unsafe
+    else:
+        if args.method and "baseline" in args.method:
+            raise ConfigError("'baseline' means no method: for train, omit --method")
+        config = RunConfig(task=args.task or "mnist5k", model=args.model, methods="+".join(args.method) or "baseline",
+                           seed=0 if args.seed is None else args.seed, epochs=5 if args.epochs is None else args.epochs,
+                           budget=Budget.parse(args.budget).to_dict() if args.budget else {},
+                           device=args.device or "auto", data_dir=args.data_dir,
+                           batch_size=64 if args.batch_size is None else args.batch_size)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path(args.out) if args.out else Path("runs/train") / f"{config.task}-{stamp}"
+        checkpoint = args.checkpoint
+    if args.device and args.resume:
+        config.device = args.device
+    run = prepare(config)
+    if not args.resume:
+        check_out_dir(out_dir, args.overwrite)
+        if args.overwrite:
+            clear_outputs(out_dir)
+    try:
+        record = execute(run, out_dir, progress=not args.quiet, checkpoint=checkpoint, resume=bool(args.resume))
+    except ConfigError:
+        raise
+    except Exception as e:
+        print(f"haet: training failed: {type(e).__name__}: {e}; record written to {out_dir / 'record.json'}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if args.quiet:
+        print(out_dir / "record.json")
+    else:
+        _print_summary(record, out_dir)
+    if record.stopped_by in ("interrupt", "nonfinite_loss"):
+        print(f"haet: run stopped: {record.stopped_by}; record written to {out_dir / 'record.json'}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _print_summary(record, out_dir: Path) -> None:
+    c = record.cost
+    table = Table(title=f"haet train: {record.task} / {record.model} / {record.method_label} / seed {record.seed}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    mem = c.get("memory_bytes", {})
+    rows = [
+        ("test accuracy", _f(record.metrics.get("accuracy"), ".4f")),
+        ("test loss", _f(record.metrics.get("loss"), ".4f")),
+        ("epochs / steps", f"{record.epochs} / {record.steps}"),
+        ("stopped by", record.stopped_by),
+        ("train time", _f(c.get("train_s"), ".2f", " s")),
+        ("wall time", _f(c.get("wall_s"), ".2f", " s")),
+        ("peak memory", _f(c.get("peak_mem_mb"), ".1f", " MiB")),
+        ("params / grads / optimizer / activations",
+         " / ".join(_bytes(mem.get(k)) for k in ("params", "grads", "optimizer", "activations"))),
+        ("training FLOPs", _f(c.get("flops"), ".3g")),
+        ("MFU", _f(c.get("mfu"), ".1%")),
+        (f"energy ({c.get('energy_source')})", _f(c.get("energy_j"), ".4g", " J")),
+    ]
+    for k, v in record.method_metrics.items():
+        rows.append((k, _f(v, ".4g") if isinstance(v, float) else str(v)))
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+    if c.get("energy_source") == "model":
+        out.print("[dim]energy is estimated by haet's energy model (FLOPs and bytes moved at 45 nm), not measured[/dim]")
+    out.print(f"record: {out_dir / 'record.json'}")
+
+
+def _f(v, spec: str, unit: str = "") -> str:
+    return "–" if v is None else f"{v:{spec}}{unit}"
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -- bench and report --------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from .bench import check_out_dir, clear_outputs, run_bench
+    from .methods import split_entries
+
+    entries = split_entries(args.methods)
+    budget = Budget.parse(args.budget).to_dict() if args.budget else {}
+    out_dir = Path(args.out)
+    check_out_dir(out_dir, args.overwrite, files=("results.csv", "report.md", "pareto.png"))
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    total = len(entries) * args.seeds
+    progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=err, disable=args.quiet)
+
+    def on_run(label, seed, record, error):
+        if error is not None:
+            progress.console.print(f"[red]{label} seed {seed}: failed: {type(error).__name__}: {error}")
+        elif not args.quiet:
+            progress.console.print(f"{label} seed {seed}: accuracy {_f(record.metrics.get('accuracy'), '.4f')}, "
+                                   f"train {record.cost.get('train_s', 0):.2f} s, {record.stopped_by}")
+        progress.update(task, advance=1, description=f"last: {label} seed {seed}")
+
+    with progress:
+        task = progress.add_task("", total=total)
+        if args.overwrite:
+            # bad input must not cost a previous bench: validate before clearing
+            from .bench import RunConfig, prepare
+
+            for e in entries:
+                prepare(RunConfig(task=args.task, model=args.model, methods=e, epochs=args.epochs, budget=budget,
+                                  device=args.device, data_dir=args.data_dir, batch_size=args.batch_size))
+            clear_outputs(out_dir)
+        result = run_bench(args.task, entries, args.seeds, args.epochs, out_dir, model=args.model, budget=budget,
+                           device=args.device, data_dir=args.data_dir, on_run=on_run, batch_size=args.batch_size)
+    if not args.quiet:
+        _print_comparison(result["summaries"])
+    for key in ("report", "pareto", "results"):
+        print(f"{key}: {result[key]}")
+    if result["failed"]:
+        print(f"haet: {len(result['failed'])} run(s) failed: "
+              + ", ".join(f"{label} seed {s}" for label, s in result["failed"]), file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _print_comparison(summaries) -> None:
+    from .report import QUANTITIES, cell
+
+    table = Table(title="haet bench: mean ± std over seeds (ratio to baseline)")
+    table.add_column("method")
+    table.add_column("runs", justify="right")
+    for _, heading, unit, _ in QUANTITIES:
+        table.add_column(f"{heading} ({unit})" if unit else heading, justify="right")
+    table.add_column("energy source")
+    for s in summaries:
+        table.add_row(s.method, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES), s.energy_source)
+    out.print(table)
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    result = build_report(args.dirs, Path(args.out) if args.out else None)
+    _print_comparison(result["summaries"])
+    for key in ("report", "pareto", "results"):
+        print(f"{key}: {result[key]}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

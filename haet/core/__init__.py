@@ -1,0 +1,1 @@
+"""The core: events, state, the Trainer loop, Method base, Budget, RunRecord."""

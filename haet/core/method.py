@@ -1,0 +1,80 @@
+"""The base class of every haet method.
+
+A method is a functional form that works without the Trainer (``grad_match_select(...)``,
+``apply_qat(model, cfg)``) plus a thin subclass of `Method` that stores a frozen, validated config
+and calls the functional form on the right events. Handlers are plain methods named after the
+event (``def epoch_start(self, state)``); the Trainer calls only the handlers a method defines.
+
+What a handler may change, through `state` (see `haet.core.state.State`):
+- the batch (``state.batch`` at BATCH_START), the data of an epoch (``state.train_loader`` at
+  EPOCH_START), per-sample loss weights (a third batch element);
+- the loss (``state.loss`` at AFTER_FORWARD);
+- the model (module surgery with `haet.core.surgery.replace_modules`, which keeps the optimizer in
+  step and bumps ``state.model_version`` so the FLOPs meter re-measures);
+- the optimizer step (``state.step_fn``), or the gradients (at AFTER_BACKWARD);
+- whether the run goes on (``state.request_stop(reason)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+from .events import Listener
+
+
+class Method(Listener):
+    #: Command-line name (the table in DESIGN.md), e.g. "gradmatch".
+    name: ClassVar[str] = ""
+    #: One line for ``haet methods``.
+    summary: ClassVar[str] = ""
+    #: The paper the method comes from.
+    paper: ClassVar[str] = ""
+    #: The frozen dataclass of hyperparameters.
+    config_class: ClassVar[type | None] = None
+
+    def __init__(self, config: Any = None, /, **params: Any) -> None:
+        if self.config_class is None:
+            if config is not None or params:
+                raise ConfigError(f"{self.name or type(self).__name__} takes no parameters")
+            self.config = None
+            return
+        if config is not None and params:
+            raise ConfigError("give either a config object or keyword parameters, not both")
+        if config is None:
+            try:
+                config = self.config_class(**params)
+            except TypeError as err:  # an unknown keyword
+                names = ", ".join(f.name for f in dataclasses.fields(self.config_class))
+                raise ConfigError(f"{self.name}: {err}; parameters are: {names}") from None
+        elif not isinstance(config, self.config_class):
+            raise ConfigError(f"{self.name} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # -- composition, results, checkpoints ----------------------------------------------------
+    def check_compatible(self, others: list["Method"]) -> None:
+        """Raise ConfigError when this method cannot run together with one of `others`."""
+
+    def params(self) -> dict:
+        """Hyperparameters for the RunRecord."""
+        return dataclasses.asdict(self.config) if self.config is not None else {}
+
+    def metrics(self) -> dict[str, Any]:
+        """Final ``<name>/<quantity>`` values for ``record.method_metrics``."""
+        return {}
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """``<name>/<quantity>`` values added to each epoch's history line."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (tensors, numbers, strings, lists and dicts only)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({params})"

@@ -1,0 +1,155 @@
+"""Memory meter: peak memory of the run and a breakdown of one measured step in bytes.
+
+- Peak: on CPU the process's peak resident set (``VmHWM``, reset at the start of fit through
+  ``/proc/self/clear_refs`` where Linux allows it, else the lifetime peak from ``getrusage``); on
+  CUDA ``torch.cuda.max_memory_allocated``. The CPU figure includes everything the process holds
+  (the data set, PyTorch itself), the CUDA figure only tensors.
+- Breakdown, per step signature (see `step_signature`): parameters, gradients alive at the end of
+  backward, optimizer state after the update, and activations = bytes of the tensors autograd saved
+  for backward during the forward (parameters excluded, shared storage counted once). Reported as
+  the largest value seen for each part.
+- Bytes moved per step, for the energy model: 4·P (parameters read in forward and backward, read
+  and written by the update) + 2·A (activations written, read back) + 2·G (gradients written, read
+  by the update) + 2·S (optimizer state read and written) + I (the input batch), where G is the
+  bytes of the trainable parameters.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+
+import torch
+
+from .base import Meter, step_signature
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct tensors (a tensor listed twice counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    return tensor_bytes(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+
+class MemoryMeter(Meter):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.breakdown = {"params": 0, "grads": 0, "optimizer": 0, "activations": 0}
+        self.bytes_moved = 0.0
+        self.peak_mb = 0.0
+        self._cuda = False
+        self._moved_per_sig: dict[tuple, float] = {}
+        self._measuring: tuple | None = None
+        self._measure: dict = {}
+        self._saved: dict[int, int] = {}
+        self._hooks = None
+        self._sig = None
+
+    # -- peak ---------------------------------------------------------------------------------
+    def current_peak_mb(self) -> float:
+        if self._cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return max(self.peak_mb, _process_peak_mb())
+
+    def fit_start(self, state) -> None:
+        self._cuda = state.device.type == "cuda"
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(state.device)
+        else:
+            _reset_process_peak()
+
+    def fit_end(self, state) -> None:
+        self.peak_mb = self.current_peak_mb()
+
+    # -- breakdown of measured steps ----------------------------------------------------------
+    def batch_start(self, state) -> None:
+        self._sig = sig = step_signature(state)
+        if sig in self._moved_per_sig:
+            return
+        self._measuring = sig
+        params = {p.untyped_storage().data_ptr() for p in state.model.parameters()}
+        self._saved = {}
+        saved = self._saved
+
+        def pack(t):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in params:
+                saved[ptr] = storage.nbytes()
+            return t
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
+        x = state.batch[0]
+        self._measure = {"input": x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0}
+
+    def after_forward(self, state) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+            self._measure["activations"] = sum(self._saved.values())
+
+    def after_backward(self, state) -> None:
+        if self._measuring is not None:
+            self._measure["grads"] = tensor_bytes(p.grad for p in state.model.parameters())
+
+    def after_step(self, state) -> None:
+        sig = self._sig
+        if self._measuring is not None:
+            m = self._measure
+            params = list(state.model.parameters())
+            p_bytes = tensor_bytes(params)
+            g_bytes = tensor_bytes(p for p in params if p.requires_grad)
+            s_bytes = optimizer_state_bytes(state.optimizer)
+            for key, value in (("params", p_bytes), ("grads", m.get("grads", 0)), ("optimizer", s_bytes),
+                               ("activations", m.get("activations", 0))):
+                self.breakdown[key] = max(self.breakdown[key], value)
+            self._moved_per_sig[sig] = (4 * p_bytes + 2 * m.get("activations", 0) + 2 * g_bytes
+                                        + 2 * s_bytes + m["input"])
+            self._measuring = None
+        self.bytes_moved += self._moved_per_sig[sig]
+
+    def report(self, state) -> dict:
+        return {"peak_mem_mb": self.peak_mb or self.current_peak_mb(), "memory_bytes": dict(self.breakdown),
+                "bytes_moved": self.bytes_moved}
+
+    def state_dict(self) -> dict:
+        return {"breakdown": dict(self.breakdown), "bytes_moved": self.bytes_moved,
+                "peak_mb": self.current_peak_mb()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.breakdown.update(state_dict["breakdown"])
+        self.bytes_moved = state_dict["bytes_moved"]
+        self.peak_mb = state_dict["peak_mb"]
+
+
+_HWM = re.compile(rb"VmHWM:\s+(\d+)\s*kB")
+
+
+def _process_peak_mb() -> float:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            m = _HWM.search(f.read())
+        if m:
+            return int(m.group(1)) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _reset_process_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        pass
