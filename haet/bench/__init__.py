@@ -88,7 +88,9 @@ def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, ch
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (out_dir / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
-    trainer = Trainer(model, a["train"], a["test"], methods=methods, budget=a["budget"], device=c.device,
+    task = a["task"]
+    trainer = Trainer(model, a["train"], a["test"], loss_fn=task.loss_fn, eval_fn=task.eval_fn,
+                      methods=methods, budget=a["budget"], device=c.device,
                       seed=c.seed, progress=progress, batch_size=c.batch_size, out_dir=out_dir,
                       checkpoint=checkpoint, task=a["task"].name, model_name=a["model_name"], label=c.methods)
     return trainer.fit(c.epochs, resume_from=out_dir if resume else None)

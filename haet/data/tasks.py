@@ -30,6 +30,10 @@ class Task:
     models: tuple[str, ...]
     source: str
     needs_data_dir: bool = False
+    #: ``loss_fn(outputs, targets)``; None = cross-entropy (the Trainer's default).
+    loss_fn: Callable | None = None
+    #: ``eval_fn(model, eval_data, device) -> dict`` of metrics; None = accuracy and loss.
+    eval_fn: Callable | None = None
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, n_train: int) -> tuple[TensorData, TensorData]:
