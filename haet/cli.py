@@ -235,7 +235,7 @@ def _bytes(n) -> str:
 
 # -- bench and report --------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    from .bench import check_out_dir, clear_outputs, run_bench
+    from .bench import RunConfig, check_out_dir, clear_outputs, prepare, run_bench
     from .methods import split_entries
 
     entries = split_entries(args.methods)
@@ -256,16 +256,14 @@ def cmd_bench(args) -> int:
                                    f"train {record.cost.get('train_s', 0):.2f} s, {record.stopped_by}")
         progress.update(task, advance=1, description=f"last: {label} seed {seed}")
 
+    # Every entry is checked before anything runs or is cleared: bad input costs nothing.
+    for e in entries:
+        prepare(RunConfig(task=args.task, model=args.model, methods=e, epochs=args.epochs, budget=budget,
+                          device=args.device, data_dir=args.data_dir, batch_size=args.batch_size))
+    if args.overwrite:
+        clear_outputs(out_dir)
     with progress:
         task = progress.add_task("", total=total)
-        if args.overwrite:
-            # bad input must not cost a previous bench: validate before clearing
-            from .bench import RunConfig, prepare
-
-            for e in entries:
-                prepare(RunConfig(task=args.task, model=args.model, methods=e, epochs=args.epochs, budget=budget,
-                                  device=args.device, data_dir=args.data_dir, batch_size=args.batch_size))
-            clear_outputs(out_dir)
         result = run_bench(args.task, entries, args.seeds, args.epochs, out_dir, model=args.model, budget=budget,
                            device=args.device, data_dir=args.data_dir, on_run=on_run, batch_size=args.batch_size)
     if not args.quiet:

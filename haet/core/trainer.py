@@ -45,7 +45,10 @@ def seed_everything(seed: int) -> None:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {str(device)!r} is not supported; choose one of: auto, cpu, cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu")
     if device.type not in ("cpu", "cuda"):
@@ -199,12 +202,12 @@ class Trainer:
             x, y, *weights = state.batch
             state.outputs = model(x)
             state.loss = self._loss(state.outputs, y, weights[0] if weights else None)
-            loss_value = state.loss.item()
             clock.lap("forward")
+            fire(Event.AFTER_FORWARD)
+            loss_value = state.loss.item()
             if not math.isfinite(loss_value):
                 state.request_stop("nonfinite_loss")  # before backward: the weights stay finite
             else:
-                fire(Event.AFTER_FORWARD)
                 state.loss.backward()
                 clock.lap("backward")
                 fire(Event.AFTER_BACKWARD)
@@ -323,11 +326,11 @@ class Trainer:
     def _finish(self, stopped_by: str, evaluated_at_step: int, error: str | None = None) -> RunRecord:
         state = self.state
         metrics = dict(state.eval_metrics)
-        if stopped_by not in ("interrupt", "error") and evaluated_at_step != state.step:
+        if stopped_by in ("interrupt", "error"):
+            self._fire(Event.BEFORE_EVAL)  # pending updates are applied; no evaluation
+        elif evaluated_at_step != state.step:
             with contextlib.suppress(KeyboardInterrupt):
                 metrics = self._evaluate()
-        else:
-            self._fire(Event.BEFORE_EVAL)
         self._fire(Event.FIT_END)
         cost: dict = {}
         for meter in self.meters:

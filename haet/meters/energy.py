@@ -122,10 +122,14 @@ def _nvml_counter(index: int):
     return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0  # mJ -> J
 
 
-def _rapl_counter():
-    """Sum of the RAPL package domains, in joules, handling counter wrap-around."""
+RAPL_ROOT = "/sys/class/powercap"
+
+
+def _rapl_counter(root: str | None = None):
+    """Sum of the RAPL package domains under `root` (default RAPL_ROOT), in joules, handling
+    counter wrap-around."""
     domains = []
-    for path in sorted(glob.glob("/sys/class/powercap/intel-rapl:*")):
+    for path in sorted(glob.glob(os.path.join(root or RAPL_ROOT, "intel-rapl:*"))):
         name_file, energy_file = os.path.join(path, "name"), os.path.join(path, "energy_uj")
         try:
             with open(name_file) as f:
@@ -140,14 +144,14 @@ def _rapl_counter():
         domains.append((energy_file, wrap))
     if not domains:
         return None
-    last = [0] * len(domains)
+    last: list[int | None] = [None] * len(domains)
     total = [0.0] * len(domains)
 
     def read() -> float:
         for i, (energy_file, wrap) in enumerate(domains):
             with open(energy_file) as f:
                 now = int(f.read())
-            if last[i]:
+            if last[i] is not None:
                 total[i] += (now - last[i]) % wrap
             last[i] = now
         return sum(total) * 1e-6

@@ -55,6 +55,13 @@ class FlopsMeter(Meter):
     def after_step(self, state) -> None:
         self.add(self.per_step[self._sig], state.compute_dtype)
 
+    def before_eval(self, state) -> None:
+        # A step that never reached backward (a non-finite loss) leaves the counter open: close it
+        # without counting, so evaluation is neither counted nor slowed.
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
     def peak_flops(self, state) -> tuple[float | None, str]:
         if state.device.type == "cuda":
             name = torch.cuda.get_device_name(state.device)
