@@ -3,7 +3,8 @@
 The user downloads ``cifar-10-python.tar.gz`` (https://www.cs.toronto.edu/~kriz/cifar.html),
 extracts it, and names the directory with ``--data-dir``. The batches are pickles; they are read
 through `SafeUnpickler`, which admits only what the format holds (dicts, lists, strings, bytes,
-numbers and numpy arrays with their dtypes). A file that asks for anything else is refused with
+numbers and numpy arrays with their dtypes; bytes written by Python 3 at protocol 2 are rebuilt
+by a latin-1-only decoder). A file that asks for anything else is refused with
 an error naming it, and nothing in it runs.
 """
 
@@ -35,10 +36,19 @@ _ALLOWED = {
 }
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What protocol-2 pickles written by Python 3 use to rebuild bytes; latin-1 only."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused to decode bytes with {encoding!r}")
+    return text.encode("latin1")
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Unpickles only plain containers and numpy arrays; any other global is refused."""
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of the CIFAR-10 format")
