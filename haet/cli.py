@@ -26,6 +26,7 @@ from rich.table import Table
 
 from . import __version__
 from .core.budget import Budget
+from .core.distributed import env_world
 from .core.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -179,6 +180,8 @@ def cmd_train(args) -> int:
         print(f"haet: training failed: {type(e).__name__}: {e}; record written to {out_dir / 'record.json'}",
               file=sys.stderr)
         return EXIT_FAILED
+    if env_world()[0] != 0:
+        return EXIT_OK  # under torchrun only rank 0 reports
     if args.quiet:
         print(out_dir / "record.json")
     else:

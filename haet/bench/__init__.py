@@ -84,15 +84,16 @@ def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, ch
     seed_everything(c.seed)
     model = build_model(a["model_name"], a["task"].input_shape, a["task"].num_classes)
     methods = parse_entry(c.methods)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (out_dir / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
     task = a["task"]
+    # Under torchrun, constructing the Trainer joins the process group: every rank has checked the
+    # output directory before rank 0 writes anything into it.
     trainer = Trainer(model, a["train"], a["test"], loss_fn=task.loss_fn, eval_fn=task.eval_fn,
                       methods=methods, budget=a["budget"], device=c.device,
                       seed=c.seed, progress=progress, batch_size=c.batch_size, out_dir=out_dir,
                       checkpoint=checkpoint, task=a["task"].name, model_name=a["model_name"], label=c.methods)
+    if out_dir is not None and trainer.rank == 0 and not resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
     return trainer.fit(c.epochs, resume_from=out_dir if resume else None)
 
 

@@ -7,6 +7,7 @@ shard of every epoch, agrees on stopping across ranks, aggregates the meters and
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -26,9 +27,19 @@ def init(device: torch.device) -> tuple[int, int]:
     rank, world, _ = env_world()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The group haet opened is closed at exit: left open, gloo's threads abort the process
+        # during interpreter shutdown ("terminate called without an active exception").
+        atexit.register(shutdown)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shutdown() -> None:
+    """Leave the process group (if one is open)."""
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears its end down while another still talks to it
+        dist.destroy_process_group()
 
 
 def agree_stop(reason: str | None, device: torch.device) -> str | None:

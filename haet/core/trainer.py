@@ -185,6 +185,8 @@ class Trainer:
             state.clock.pause("methods")
             self._finish("error", evaluated_at_step, error=f"{type(err).__name__}: {err}")
             raise
+        finally:
+            self._ddp = None  # release DDP's reducer (and its communication threads) with the run
         return self._finish(stopped_by, evaluated_at_step)
 
     # -- the loop ------------------------------------------------------------------------------
