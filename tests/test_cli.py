@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from haet import cli
+from haet.data import TASKS
 from haet import methods as methods_pkg
 
 from .examples_method import GradientClipping
@@ -47,7 +48,7 @@ def test_train_mnist5k_five_epochs_reaches_94_percent(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "--task", "nope"], "unknown task 'nope'; choose one of: cifar10, digits, mnist1d, mnist5k"),
+    (["train", "--task", "nope"], "unknown task 'nope'; choose one of: " + ", ".join(sorted(TASKS))),
     (["train", "--model", "vgg"], "model 'vgg' does not fit task mnist5k; choose one of: mnist5k-cnn, mlp, resnet8"),
     (["train", "--method", "warp"], "unknown method 'warp'; choose one of:"),
     (["train", "--method", "baseline"], "omit --method"),
