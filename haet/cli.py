@@ -273,6 +273,9 @@ def cmd_bench(args) -> int:
         _print_comparison(result["summaries"])
     for key in ("report", "pareto", "results"):
         print(f"{key}: {result[key]}")
+    if result["interrupted"]:
+        print("haet: bench interrupted; the report covers the runs that finished", file=sys.stderr)
+        return EXIT_FAILED
     if result["failed"]:
         print(f"haet: {len(result['failed'])} run(s) failed: "
               + ", ".join(f"{label} seed {s}" for label, s in result["failed"]), file=sys.stderr)

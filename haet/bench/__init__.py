@@ -126,7 +126,8 @@ def run_bench(task: str, entries: list[str], seeds: int, epochs: int, out: Path,
               on_run: Callable[[str, int, RunRecord | None, Exception | None], None] | None = None,
               batch_size: int = 64) -> dict:
     """Run every entry for seeds 0..seeds-1 and write the report; returns `build_report`'s dict
-    plus ``failed``: the (label, seed) pairs whose training raised."""
+    plus ``failed`` (the (label, seed) pairs whose training raised) and ``interrupted`` (Ctrl-C
+    stopped the bench after the run it interrupted)."""
     from ..report import build_report
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -136,7 +137,7 @@ def run_bench(task: str, entries: list[str], seeds: int, epochs: int, out: Path,
                for s in range(seeds) for e in entries]
     for c in configs[:len(entries)]:
         prepare(c)  # every entry is checked before the first run starts
-    failed = []
+    failed, interrupted = [], False
     for c in configs:
         run = prepare(c)
         run_out = out / "runs" / run_dir_name(c.methods) / f"seed{c.seed}"
@@ -149,6 +150,9 @@ def run_bench(task: str, entries: list[str], seeds: int, epochs: int, out: Path,
             failed.append((c.methods, c.seed))
         if on_run is not None:
             on_run(c.methods, c.seed, record, err)
+        if record is not None and record.stopped_by == "interrupt":
+            interrupted = True  # Ctrl-C stops the bench; the report covers what ran
+            break
     result = build_report([out / "runs"], out)
-    result["failed"] = failed
+    result["failed"], result["interrupted"] = failed, interrupted
     return result
