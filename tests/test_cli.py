@@ -137,3 +137,25 @@ def test_console_script_and_module_entry_points(tmp_path):
     exe = [sys.executable, "-m", "haet"]
     done = subprocess.run(exe + ["train", "--task", "nope"], capture_output=True, text=True)
     assert done.returncode == 2 and "unknown task 'nope'" in done.stderr
+
+
+def test_ctrl_c_stops_the_bench_and_reports_what_ran(tmp_path, capsys, monkeypatch):
+    import haet
+
+    class Interrupt(haet.Method):
+        name = "interrupt"
+        summary, paper = "raises KeyboardInterrupt", "-"
+
+        def after_step(self, state):
+            raise KeyboardInterrupt
+
+    reg = dict(methods_pkg.registry())
+    reg["interrupt"] = Interrupt
+    monkeypatch.setattr(methods_pkg, "_REGISTRY", reg)
+    out = tmp_path / "b"
+    code, _, err = run(["bench", "--task", "digits", "--methods", "baseline,interrupt",
+                        "--epochs", "1", "--seeds", "2", "--out", str(out)], capsys)
+    assert code == 1 and "interrupted" in err
+    records = sorted(p.parent.parent.name + "/" + p.parent.name for p in out.rglob("record.json"))
+    assert records == ["baseline/seed0", "interrupt/seed0"]  # nothing ran after the interrupted run
+    assert "| interrupt | 1 |" in (out / "report.md").read_text()
