@@ -17,6 +17,7 @@ import torch
 from ..core.errors import ConfigError, choices_error
 from .cifar10 import load_cifar10
 from .loader import TensorData
+from .seq import load_mnist1d_seq, seq_eval, seq_loss
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("cifar10", "CIFAR-10 from the python-pickle batches in --data-dir (50,000 / 10,000), 3×32×32",
          load_cifar10, (3, 32, 32), 10, "resnet8", ("resnet8", "mnist5k-cnn", "mlp"), "user download",
          needs_data_dir=True),
+    Task("mnist1d-seq", "1-4 mnist1d signals in a row (160 samples) transcribed to digit tokens, token error rate "
+         "(8,000 / 2,000 sequences)", load_mnist1d_seq, (160,), 13, "transformer", ("transformer",),
+         "mnist1d (offline generator)", loss_fn=seq_loss, eval_fn=seq_eval),
 ]}
 
 

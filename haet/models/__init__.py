@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.errors import choices_error
+from .transformer import transformer
 
 
 def mnist5k_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -90,6 +91,7 @@ MODELS: dict[str, tuple[Callable[[tuple[int, ...], int], nn.Module], str]] = {
     "mlp": (mlp, "multilayer perceptron with two hidden layers of 512"),
     "resnet8": (ResNet8, "small ResNet, 16-32-64 channels, global average pooling"),
     "mnist1d-cnn": (mnist1d_cnn, "1-D CNN for mnist1d signals"),
+    "transformer": (transformer, "encoder-decoder Transformer (conv front-end, 2+2 layers, d 64) for mnist1d-seq"),
 }
 
 
