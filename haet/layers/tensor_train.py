@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TensorTrainLinear", "fake_quantize", "tt_modes", "full_ranks", "tt_svd"]
+__all__ = ["TensorTrainLinear", "fake_quantize", "tt_modes", "full_ranks", "tt_svd", "tt_round"]
 
 
 def fake_quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,6 +76,36 @@ def tt_svd(weight: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[in
     with tl.backend_context("pytorch"):
         cores = tensor_train_matrix(tensor, rank=[1, *ranks, 1])
     return [c.to(weight.dtype) for c in cores]
+
+
+@torch.no_grad()
+def tt_round(cores: Sequence[torch.Tensor], threshold: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """TT-rounding (Oseledets 2011): orthogonalize right to left, then truncate left to right.
+
+    At edge k the singular values σ of W's unfolding there are exact (the cores to its left are
+    left-orthogonal, to its right right-orthogonal); directions with σ < threshold·σ_max are
+    dropped, which changes W by sqrt(Σ dropped σ²) in Frobenius norm for one edge (at most the
+    root of the sum over all edges). The cores are then rescaled to equal norms (W unchanged).
+    Returns (cores, the σ of each edge before truncation).
+    """
+    cores = [c.to(torch.float64) for c in cores]
+    d = len(cores)
+    for k in range(d - 1, 0, -1):                                 # right-orthogonalize cores 2..d
+        r0, m, n, r1 = cores[k].shape
+        q, r = torch.linalg.qr(cores[k].reshape(r0, -1).t())
+        cores[k] = q.t().reshape(-1, m, n, r1)
+        cores[k - 1] = torch.einsum("amnb,cb->amnc", cores[k - 1], r)
+    spectra = []
+    for k in range(d - 1):                                        # truncate left to right
+        r0, m, n, r1 = cores[k].shape
+        u, s, vh = torch.linalg.svd(cores[k].reshape(-1, r1), full_matrices=False)
+        spectra.append(s.to(torch.float32))
+        keep = max(1, int((s >= threshold * s[0]).sum())) if threshold > 0 else len(s)
+        cores[k] = u[:, :keep].reshape(r0, m, n, keep)
+        cores[k + 1] = torch.einsum("ab,bmnc->amnc", s[:keep, None] * vh[:keep], cores[k + 1])
+    norms = torch.stack([c.norm() for c in cores])
+    balance = norms.log().mean().exp()
+    return [(c * (balance / f)).to(torch.float32) for c, f in zip(cores, norms)], spectra
 
 
 class TensorTrainLinear(nn.Module):
@@ -179,28 +209,35 @@ class TensorTrainLinear(nn.Module):
         return forward, 2 * forward - (0 if input_requires_grad else per_core[0])
 
     # -- rank adaptation ------------------------------------------------------------------------
-    def rank_slice_norms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per internal edge k: the norms of the slices G_k[..., s] and G_{k+1}[s, ...] of each rank index s."""
-        return [(self.cores[k].flatten(0, 2).norm(dim=0), self.cores[k + 1].flatten(1).norm(dim=1))
-                for k in range(len(self.cores) - 1)]
+    def edge_spectra(self) -> list[torch.Tensor]:
+        """The singular values at each internal edge (of W unfolded there), from `tt_round`."""
+        return tt_round([c.detach() for c in self.cores], 0.0)[1]
 
-    def keep_ranks(self, keep: Sequence[torch.Tensor]) -> list[tuple[nn.Parameter, nn.Parameter, dict]]:
-        """Keep only the rank indices `keep[k]` of each edge; returns (old, new, {dim: index}) per changed core."""
-        index = {}  # core -> {dim: kept indices}
-        for k, kept in enumerate(keep):
-            if len(kept) == self.cores[k].shape[-1]:
-                continue
-            index.setdefault(k, {})[3] = kept
-            index.setdefault(k + 1, {})[0] = kept
+    def round_ranks(self, threshold: float) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """TT-rounding: drop, at each edge, the directions with σ < threshold·σ_max.
+
+        Only when some rank would drop are the cores replaced (by the rounded, norm-balanced
+        ones, which represent the same W up to the dropped directions); returns (old, new) pairs.
+        """
+        cores, _ = tt_round([c.detach() for c in self.cores], threshold)
+        if tuple(c.shape[-1] for c in cores[:-1]) == self.ranks:
+            return []
         changed = []
-        for k, dims in sorted(index.items()):
+        for k, value in enumerate(cores):
             old = self.cores[k]
-            value = old.detach()
-            for dim, kept in dims.items():
-                value = value.index_select(dim, kept.to(value.device))
-            new = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
-            self.cores[k] = new
-            changed.append((old, new, dims))
+            self.cores[k] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
+            changed.append((old, self.cores[k]))
+        return changed
+
+    def keep_ranks(self, ranks: Sequence[int]) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """Cut the cores to `ranks` (the leading indices): restores a saved shape before its values load."""
+        bounds = [1, *ranks, 1]
+        changed = []
+        for k, old in enumerate(self.cores):
+            if old.shape[0] != bounds[k] or old.shape[-1] != bounds[k + 1]:
+                self.cores[k] = nn.Parameter(old.detach()[:bounds[k], :, :, :bounds[k + 1]].clone(),
+                                             requires_grad=old.requires_grad)
+                changed.append((old, self.cores[k]))
         return changed
 
     def extra_repr(self) -> str:

@@ -1,9 +1,8 @@
 """Changing a parameter's shape while keeping the optimizer in step (used by gradmax, tensor_train).
 
 `replace_modules` (haet.core.surgery) swaps modules and keeps the optimizer's groups right, but a
-parameter that is *resized* (grown by new neurons, or cut by rank pruning) must also carry its
-optimizer state across: momentum and second moments of the entries that survive, zeros for new
-entries. `swap_parameters` puts each new parameter at the exact position of the old one in its
+parameter that is *resized* (grown by new neurons) must also carry its optimizer state across:
+momentum and second moments of the old entries, zeros for the new ones. `swap_parameters` puts each new parameter at the exact position of the old one in its
 group (so an optimizer ``state_dict`` saved after the change loads into a model rebuilt the same
 way) and maps each per-element state tensor (one with the parameter's shape, e.g. Adam's
 ``exp_avg``) with `transfer`; scalar state (Adam's ``step``) is copied.
@@ -22,14 +21,6 @@ def grow_into(old: torch.Tensor, new_shape: Sequence[int]) -> torch.Tensor:
     """A zero tensor of `new_shape` holding `old` in its leading block (entries appended at the end)."""
     out = old.new_zeros(tuple(new_shape))
     out[tuple(slice(0, n) for n in old.shape)] = old
-    return out
-
-
-def select(old: torch.Tensor, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-    """`old` restricted to the indices `keep[dim]` along each listed dimension."""
-    out = old
-    for dim, index in keep.items():
-        out = out.index_select(dim, index.to(old.device))
     return out
 
 
