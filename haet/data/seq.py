@@ -1,6 +1,6 @@
 """mnist1d-seq: an offline sequence-transduction task, signal in, digit tokens out.
 
-Why this task: the fully quantized Transformer of the paper (Bie et al., HAET 2021) does speech
+Why this task: the fully quantized Transformer of Bie et al. (HAET 2021) does speech
 recognition, a continuous 1-D signal transcribed into a sequence of symbols of unknown length and
 scored by an edit-distance error rate. Speech corpora cannot ship with haet, so this task keeps the
 shape of that problem with data generated offline: each example concatenates 1 to 4 mnist1d

@@ -1,8 +1,8 @@
 """Binary weights: exact-penalty training (`binary_penalty`) and straight-through BinaryConnect
 (`binary_connect`, the baseline).
 
-Paper (binary_penalty): "An exact penalty method for binary training", HAET workshop at ICLR 2021:
-a penalty drives the weights to {−1, +1}; being exact, it converges in finitely many steps, and
+Paper (binary_penalty): T. Dockhorn, Y. Yu, V. Partovi Nia, E. Sari, "An exact penalty method for
+binary training", HAET workshop at ICLR 2021: a penalty drives the weights to {−1, +1}; being exact, it converges in finitely many steps, and
 its weight ρ trades convergence speed against accuracy. Baseline: M. Courbariaux, Y. Bengio,
 J.-P. David, "BinaryConnect: training deep neural networks with binary weights during
 propagations", NeurIPS 2015.
@@ -119,7 +119,7 @@ def apply_binary_connect(model: nn.Module, binarize_first_last: bool = True,
 class ExactPenaltyBinary(Method):
     name = "binary_penalty"
     summary = "exact penalty drives weights to ±scale per layer, exactly binary in finitely many steps"
-    paper = "An exact penalty method for binary training (HAET @ ICLR 2021)"
+    paper = "Dockhorn, Yu, Partovi Nia, Sari: An exact penalty method for binary training (HAET @ ICLR 2021)"
     config_class = ExactPenaltyConfig
 
     def __init__(self, config: ExactPenaltyConfig | None = None, /, **params) -> None:

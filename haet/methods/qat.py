@@ -1,8 +1,7 @@
 """Fully quantized fixed-point training (quantization-aware training, QAT).
 
-Paper: A. Bie, B. Venkitesh, J. Monteiro, Md. A. Haidar, M. Rezagholizadeh, "A simplified fully
-quantized Transformer for end-to-end speech recognition", HAET workshop at ICLR 2021
-(arXiv:1911.03604). Every matmul input, weights and activations, is quantized to 8-bit fixed point
+Paper: A. Bie, B. Venkitesh, J. B. Monteiro, Md. A. Haidar, M. Rezagholizadeh, "Fully quantizing
+Transformer-based ASR for edge deployment", HAET workshop at ICLR 2021. Every matmul input, weights and activations, is quantized to 8-bit fixed point
 (power-of-two scales) during training with a straight-through estimator, so the trained model runs
 in integer arithmetic: 4× smaller than float32 at full-precision quality.
 
@@ -104,8 +103,8 @@ def export_bytes(model: nn.Module) -> int:
 class QuantizationAware(Method):
     name = "qat"
     summary = "fully quantized fixed-point training: every matmul input in 8 bits, integer export"
-    paper = ("Bie, Venkitesh, Monteiro, Haidar, Rezagholizadeh: A simplified fully quantized Transformer "
-             "for end-to-end speech recognition (HAET @ ICLR 2021)")
+    paper = ("Bie, Venkitesh, Monteiro, Haidar, Rezagholizadeh: Fully quantizing Transformer-based ASR "
+             "for edge deployment (HAET @ ICLR 2021)")
     config_class = QATConfig
 
     def __init__(self, config: QATConfig | None = None, /, **params) -> None:

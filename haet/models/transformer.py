@@ -1,7 +1,7 @@
 """A small encoder-decoder Transformer for sequence transduction (``transformer``, mnist1d-seq).
 
-The shape of a Speech-Transformer (the model of Bie et al., "A simplified fully quantized
-Transformer for end-to-end speech recognition", HAET 2021), scaled to a CPU: a convolutional
+The shape of a Speech-Transformer (the model of Bie et al., "Fully quantizing Transformer-based
+ASR for edge deployment", HAET 2021), scaled to a CPU: a convolutional
 front-end subsamples the signal 4× (two strided Conv1d, as the Speech-Transformer's conv
 subsampling does), then pre-norm encoder layers, and a decoder with causal self-attention,
 cross-attention and a linear output layer over the token vocabulary.
