@@ -119,6 +119,7 @@ class GradMaxGrowth(Method):
         self.widths: dict[str, int] = {}
         self.events = 0
         self.growth_flops = 0.0
+        self._relus_restored = False
         self._model: nn.Module | None = None
         self._optimizer = None
 
@@ -139,6 +140,8 @@ class GradMaxGrowth(Method):
 
     def batch_end(self, state) -> None:
         c = self.config
+        if state.step > c.grow_until:
+            self._restore_relus(state)
         if not self.full or state.step % c.grow_every or state.step > c.grow_until:
             return
         event, events = state.step // c.grow_every, c.grow_until // c.grow_every
@@ -164,12 +167,23 @@ class GradMaxGrowth(Method):
         return {**self.epoch_metrics(), "gradmax/growth_events": self.events, "gradmax/growth_flops": self.growth_flops}
 
     def state_dict(self) -> dict:
-        return {"widths": dict(self.widths), "events": self.events, "growth_flops": self.growth_flops}
+        return {"widths": dict(self.widths), "events": self.events, "growth_flops": self.growth_flops,
+                "relus_restored": self._relus_restored}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Rebuild the grown structure (fresh values; the model's and optimizer's state load next)."""
         self._resize(dict(state_dict["widths"]), None)
         self.events, self.growth_flops = state_dict["events"], state_dict["growth_flops"]
+        if state_dict["relus_restored"]:
+            self._restore_relus(None)
+
+    def _restore_relus(self, state) -> None:
+        """After the last growth step, torch's ReLU again: GrowReLU saves its input for backward
+        (ReLU saves its output, which the next pooling saves too), one more activation per layer."""
+        if not self._relus_restored and self._model is not None:
+            self._relus_restored = True
+            replace_modules(self._model, None, lambda n, m: nn.ReLU(m.inplace) if type(m) is GrowReLU else None,
+                            what="gradmax", state=state)
 
     def _resize(self, widths: dict[str, int], state) -> None:
         """Fresh modules with the given widths for every growable layer and its consumer."""

@@ -154,7 +154,7 @@ def tt_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
 
 class TensorTrain(Method):
     name = "tensor_train"
-    summary = "tensor-train Linear layers: rank-adaptive (pruned slices), fake-quantized cores"
+    summary = "tensor-train Linear layers: rank-adaptive (TT-rounding), fake-quantized low-precision cores"
     paper = ("Zhang, Hawkins, Zhang, Hao, Zhang, On-FPGA Training with Ultra Memory Reduction: "
              "A Low-Precision Tensor Method (ICLR 2021 HAET workshop)")
     config_class = TensorTrainConfig

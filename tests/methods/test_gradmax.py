@@ -128,14 +128,16 @@ def test_method_grows_on_schedule_and_resumes_to_the_same_weights(tmp_path, tiny
     # start at round(0.25 × (3, 5)) = (1, 1); event e of 3 targets 1 + round((full - 1)·e/3)
     assert widths == [(2, 4), (3, 5), (3, 5)]
     assert record.method_metrics["gradmax/growth_events"] == 3
-    assert isinstance(model[1], GrowReLU) and isinstance(model[4], GrowReLU)
+    assert type(model[1]) is nn.ReLU and type(model[4]) is nn.ReLU   # GrowReLU only while growing
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in cnn().parameters())
     full, _ = run(3, tmp_path / "full", spec="baseline")
     assert record.cost["flops"] < full.cost["flops"]   # re-measured at each width (model_version bumped)
-    run(1, tmp_path / "b")
-    resumed, resumed_model = run(3, tmp_path / "b", resume=True)
-    for (k, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
-        assert torch.equal(a, b), k
+    for stop in (1, 2):  # resumed mid-growth (widths rebuilt) and after it (ReLUs restored)
+        run(stop, tmp_path / f"b{stop}")
+        resumed, resumed_model = run(3, tmp_path / f"b{stop}", resume=True)
+        assert resumed.history[-1]["gradmax/width/3"] == 5
+        for (k, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+            assert torch.equal(a, b), k
 
 
 def test_models_without_growable_pairs_train_at_full_width(tiny_data):
