@@ -10,12 +10,13 @@ Variants, each on its own copy of the same initial weights and the same batches:
 - fusion_backward: haet.methods.fusion.fuse_optimizer(model, Adam(), "backward")
 - fusion_forward:  haet.methods.fusion.fuse_optimizer(model, Adam(), "forward")
 
-Timing: a warm-up of each variant, then `--rounds` rounds; in each round every variant runs
-`--steps` steps, in a rotated order. Per-step medians over rounds and ratios are printed, and the
-largest parameter difference from `adam` after all steps (fusion must not change the maths).
-Peak memory: each variant alone in a fresh process (`--steps` steps after one warm-up step):
-the process's peak resident set on CPU (VmHWM), torch.cuda.max_memory_allocated on CUDA.
-With `--allocator-tuned` the timing also runs in a process where glibc keeps freed memory
+Each variant lives in its own process (so no variant inherits another's allocator history) and
+the processes are commanded in interleaved rounds: after `--steps` warm-up steps, `--rounds`
+rounds in which every variant runs `--steps` steps, in a rotated order, one process at a time.
+Printed: per-step medians over rounds, their spread (max - min), ratios to `adam` and to
+`adam_fused`, the largest parameter difference from each after all steps (fusion must not change
+the maths), and each process's peak memory (VmHWM on CPU; torch.cuda.max_memory_allocated on
+CUDA). With `--allocator-tuned` the timing is repeated with glibc told to keep freed memory
 (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised), to show what the allocator accounts for.
 
     python benchmarks/fusion.py [--device cpu|cuda] [--rounds 15] [--steps 10] [--allocator-tuned]
@@ -25,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -87,42 +88,56 @@ class Runner:
         return torch.cat([p.detach().flatten().cpu() for p in self.model.parameters()])
 
 
-def time_variants(model_name: str, device: torch.device, rounds: int, steps: int) -> dict:
-    data = batches(device)
-    runners = {v: Runner(v, model_name, device, data) for v in VARIANTS}
-    for r in runners.values():
-        r.steps(steps)  # warm-up: allocations, optimizer state, kernels
-    per_step = {v: [] for v in VARIANTS}
-    for k in range(rounds):
-        order = VARIANTS[k % len(VARIANTS):] + VARIANTS[:k % len(VARIANTS)]
-        for v in order:
-            start = time.perf_counter()
-            runners[v].steps(steps)
-            per_step[v].append((time.perf_counter() - start) / steps)
-    ref = runners["adam"].params()
-    return {v: {"median_ms": 1e3 * statistics.median(per_step[v]),
-                "spread_ms": 1e3 * (max(per_step[v]) - min(per_step[v])),
-                "max_abs_diff": float((runners[v].params() - ref).abs().max())} for v in VARIANTS}
-
-
-def peak_memory(variant: str, model_name: str, device: torch.device, steps: int) -> float:
-    """Peak MiB of one variant alone: VmHWM of this (fresh) process on CPU, max allocated on CUDA."""
+def worker(model_name: str, variant: str, device: torch.device, warmup: int) -> None:
+    """A child process holding one variant; it obeys `run N`, `finish PATH` lines on stdin."""
     runner = Runner(variant, model_name, device, batches(device))
     if device.type == "cuda":
-        runner.steps(1)
         torch.cuda.reset_peak_memory_stats(device)
-        runner.steps(steps)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    runner.steps(1)
-    runner.steps(steps)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    runner.steps(warmup)  # allocations, optimizer state, kernels
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, arg = line.split()
+        if cmd == "run":
+            start = time.perf_counter()
+            runner.steps(int(arg))
+            print(time.perf_counter() - start, flush=True)
+        else:  # finish: save the parameters, report this process's peak memory
+            torch.save(runner.params(), arg)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+            else:
+                with open("/proc/self/status") as f:
+                    peak = next(int(v.split()[1]) for v in f if v.startswith("VmHWM")) / 1024
+            print(peak, flush=True)
+            return
 
 
-def in_subprocess(args: list[str], env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True,
-                         env={**os.environ, **(env or {})})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def time_variants(model_name: str, args, env: dict | None = None) -> dict:
+    """Each variant in its own process (its own allocator history), commanded in interleaved rounds."""
+    procs = {v: subprocess.Popen([sys.executable, __file__, "--device", args.device, "--_worker",
+                                  f"{model_name}:{v}:{args.steps}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ, **(env or {})}) for v in VARIANTS}
+
+    def ask(v: str, line: str) -> float:
+        procs[v].stdin.write(line + "\n")
+        procs[v].stdin.flush()
+        return float(procs[v].stdout.readline())
+
+    for v in VARIANTS:
+        assert procs[v].stdout.readline().strip() == "ready"
+    per_step = {v: [] for v in VARIANTS}
+    for k in range(args.rounds):
+        for v in VARIANTS[k % len(VARIANTS):] + VARIANTS[:k % len(VARIANTS)]:
+            per_step[v].append(ask(v, f"run {args.steps}") / args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        peaks = {v: ask(v, f"finish {tmp}/{v}.pt") for v in VARIANTS}
+        params = {v: torch.load(f"{tmp}/{v}.pt") for v in VARIANTS}
+    for p in procs.values():
+        p.wait()
+    return {v: {"median_ms": 1e3 * statistics.median(per_step[v]),
+                "spread_ms": 1e3 * (max(per_step[v]) - min(per_step[v])), "peak_mib": peaks[v],
+                "diff_adam": float((params[v] - params["adam"]).abs().max()),
+                "diff_fused": float((params[v] - params["adam_fused"]).abs().max())} for v in VARIANTS}
 
 
 def main() -> None:
@@ -132,42 +147,39 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--allocator-tuned", action="store_true")
-    ap.add_argument("--_time", help=argparse.SUPPRESS)
-    ap.add_argument("--_memory", help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
-    if args._time:  # child: timing of one model
-        print(json.dumps(time_variants(args._time, device, args.rounds, args.steps)))
-        return
-    if args._memory:  # child: peak memory of one variant
-        model_name, variant = args._memory.split(":")
-        print(json.dumps({"peak_mib": peak_memory(variant, model_name, device, args.steps)}))
+    if args._worker:
+        model_name, variant, warmup = args._worker.split(":")
+        worker(model_name, variant, device, int(warmup))
         return
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(f"date {datetime.date.today().isoformat()}  machine {cpu_name()} ({os.cpu_count()} cores)"
           f"{'  GPU ' + gpu if gpu else ''}  torch {torch.__version__}  threads {torch.get_num_threads()}"
           f"  python {platform.python_version()}")
-    print(f"{args.rounds} rounds x {args.steps} steps per variant, interleaved; batch {BATCH}; Adam lr 1e-3")
-    common = ["--device", args.device, "--rounds", str(args.rounds), "--steps", str(args.steps)]
+    print(f"each variant in its own process; {args.rounds} interleaved rounds x {args.steps} steps after "
+          f"{args.steps} warm-up steps; batch {BATCH}; Adam lr 1e-3")
     tuned_env = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
+    peak_label = "peak MiB (CUDA alloc)" if device.type == "cuda" else "peak RSS MiB"
     for model_name in args.models.split(","):
-        timing = {"default allocator": in_subprocess(common + ["--_time", model_name])}
+        timing = {"default allocator": time_variants(model_name, args)}
         if args.allocator_tuned and device.type == "cpu":
-            timing["glibc keeps freed memory"] = in_subprocess(common + ["--_time", model_name], tuned_env)
-        peaks = {v: in_subprocess(common + ["--_memory", f"{model_name}:{v}"])["peak_mib"] for v in VARIANTS}
+            timing["glibc keeps freed memory (MALLOC_MMAP/TRIM_THRESHOLD_ raised)"] = \
+                time_variants(model_name, args, tuned_env)
         n_params = sum(p.numel() for p in build(model_name).parameters())
         print(f"\n== {model_name}: {n_params:,} parameters ({4 * n_params / 2**20:.1f} MiB float32) ==")
-        peak_label = "peak MiB (CUDA alloc)" if device.type == "cuda" else "peak RSS MiB"
         for label, res in timing.items():
             base, fused = res["adam"]["median_ms"], res["adam_fused"]["median_ms"]
             print(f"-- {label}")
             print(f"{'variant':<16} {'ms/step':>8} {'spread':>7} {'vs adam':>8} {'vs fused':>9} "
-                  f"{'max|dp|':>9} {peak_label:>21}")
+                  f"{'max|dp| adam':>13} {'max|dp| fused':>14} {peak_label:>21}")
             for v in VARIANTS:
                 r = res[v]
                 print(f"{v:<16} {r['median_ms']:8.2f} {r['spread_ms']:7.2f} {r['median_ms'] / base:8.3f} "
-                      f"{r['median_ms'] / fused:9.3f} {r['max_abs_diff']:9.1e} {peaks[v]:21.1f}")
+                      f"{r['median_ms'] / fused:9.3f} {r['diff_adam']:13.1e} {r['diff_fused']:14.1e} "
+                      f"{r['peak_mib']:21.1f}")
 
 
 if __name__ == "__main__":
