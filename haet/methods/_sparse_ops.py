@@ -18,6 +18,7 @@ index (int32) is shared by the three. Biases stay dense.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -111,7 +112,8 @@ def optimizer_state_cost(optimizer: torch.optim.Optimizer | None, dtype: torch.d
     the optimizer (same class and settings as its first group) on a 1- and a 2-element tensor."""
     if optimizer is None:
         return 0, 0
-    settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
 
     def state_bytes(n: int) -> int:
         p = torch.zeros(n, dtype=dtype, requires_grad=True)

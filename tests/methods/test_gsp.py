@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import haet
 from haet.core.errors import ConfigError
 from haet.methods import parse_entry, parse_method
 from haet.methods.gsp import GroupedSparseProjection, grouped_sparse_projection, hoyer_sparsity, project_model_
@@ -98,6 +99,7 @@ def test_passes_over_the_data_do_not_grow_with_size():
 
 
 def _model():
+    torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 4))
 
 
@@ -163,3 +165,16 @@ def test_trainer_free_functional_matches_method_projection():
     for la, lb in ((a[0], b[0]), (a[3], b[3])):
         w = grouped_sparse_projection(lb.weight.detach().reshape(lb.weight.shape[0], -1), 0.7)
         assert torch.allclose(la.weight.reshape(w.shape), w, atol=1e-6)
+
+
+def test_resumed_oneshot_run_keeps_its_mask(trainer_factory, tmp_path):
+    whole = _model()
+    trainer_factory(whole, methods=[GroupedSparseProjection(target=0.9, mode="oneshot")]).fit(epochs=2)
+    first = _model()
+    trainer_factory(first, methods=[GroupedSparseProjection(target=0.9, mode="oneshot")], out_dir=tmp_path,
+                    checkpoint=True, budget=haet.Budget(steps=4)).fit(epochs=2)
+    resumed = _model()
+    trainer_factory(resumed, methods=[GroupedSparseProjection(target=0.9, mode="oneshot")], out_dir=tmp_path,
+                    checkpoint=True).fit(epochs=2, resume_from=tmp_path)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
