@@ -1,7 +1,7 @@
 """Binary weights on mnist5k through `haet bench`: float vs BinaryConnect vs the exact penalty at
 several ρ, 3 seeds; accuracy, and the step from which all weights are exactly binary.
 
-    python benchmarks/binary.py [--seeds 3] [--epochs 10] [--rhos 3e-4,1e-3,3e-3] [--out runs/bench-binary]
+    python benchmarks/binary.py [--seeds 3] [--epochs 10] [--rhos 3e-4,1e-3,3e-3] [--growth 2] [--out runs/bench-binary]
 
 Runs `haet.bench.run_bench` (the same code as `haet bench`, seeds interleaved: every entry for
 seed 0, then seed 1, ...), prints its table, then per entry from the records: final accuracy of
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--rhos", default="3e-4,1e-3,3e-3")
-    ap.add_argument("--growth", default="3")
+    ap.add_argument("--growth", default="2")  # ρ ×2 per epoch: all-binary within 10 epochs for these ρ
     ap.add_argument("--out", default="runs/bench-binary")
     args = ap.parse_args()
     hw = hardware_info(torch.device("cpu"))
