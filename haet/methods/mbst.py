@@ -1,9 +1,10 @@
 """Memory-bounded sparse training (MBST): train under a hard bound on the training state's bytes.
 
-Paper: "Memory-Bounded Sparse Training on the Edge", HAET workshop at ICLR 2021 (no code found;
-follow-up: G. Yuan et al., "MEST: Accurate and Fast Memory-Economic Sparse Training Framework on
-the Edge", NeurIPS 2021). Prune-and-regrow as in RigL (U. Evci et al., "Rigging the Lottery:
-Making All Tickets Winners", ICML 2020).
+Paper: X. Ma, Z. Li, G. Yuan, W. Niu, B. Ren, Y. Wang, X. Lin, "Memory-Bounded Sparse Training on
+the Edge", HAET workshop at ICLR 2021 (no public code found; follow-up: G. Yuan et al., "MEST:
+Accurate and Fast Memory-Economic Sparse Training Framework on the Edge", NeurIPS 2021).
+Prune-and-regrow as in RigL (U. Evci et al., "Rigging the Lottery: Making All Tickets Winners",
+ICML 2020).
 
 The footprint is the training state of the sparsified layers (every Linear and ungrouped Conv)
 in sparse storage: kept values, their gradients and optimizer state, one int32 index shared by
@@ -16,7 +17,10 @@ Every ``update_every`` steps the step runs with dense kernels, and in each layer
 ``drop_fraction`` of the kept units (by magnitude; cosine-decayed to 0 at ``update_end`` of the
 run) move to the inactive units with the largest gradient magnitude, with zero value and state;
 the count stays fixed, so the footprint never grows. It is measured from the live tensors at
-every step (``mbst/footprint_bytes`` per epoch, ``mbst/peak_footprint_bytes``).
+every step (``mbst/footprint_bytes`` per epoch, ``mbst/peak_footprint_bytes``). Not in it, as
+activations are not: workspace that lives only inside one layer's call (the dense kernel that
+unstructured layers rebuild, its gradient). With ``lr_compensation`` a sparse layer's learning
+rate is divided by its density (see `compensate_learning_rate_`).
 Schemes: see `haet.methods._sparse_ops` (unstructured, block, channel).
 """
 
@@ -48,7 +52,7 @@ class MBSTConfig:
     drop_fraction: float = 0.3     # share of kept units replaced at the first update (RigL's alpha)
     update_end: float = 0.75       # fraction of the run after which the pattern is frozen
     allocation: Literal["uniform", "er", "erk"] = "er"  # how densities spread over layers
-    block: tuple[int, int] = (8, 2)  # block scheme: output rows x input channels per block (at most)
+    block: tuple[int, int] = (8, 1)  # block: output rows x input channels per block (at most); 8/1 ran fastest
     lr_compensation: bool = True   # sparse layers' lr x 1/density, so their outputs move at a dense layer's pace
 
     def __post_init__(self) -> None:
@@ -66,7 +70,7 @@ class MBSTConfig:
 
 def plan_sparsity(model: nn.Module, memory_mb: float, scheme: str = "unstructured", *,
                   optimizer: torch.optim.Optimizer | None = None, allocation: str = "er",
-                  block: tuple[int, int] = (8, 2), drop_fraction: float = 0.3,
+                  block: tuple[int, int] = (8, 1), drop_fraction: float = 0.3,
                   layer_filter: Callable[[str, nn.Module], bool] | None = None) -> list[dict]:
     """Per layer: name, kept units per row group, density and the bytes it may use under the bound.
 
@@ -74,7 +78,8 @@ def plan_sparsity(model: nn.Module, memory_mb: float, scheme: str = "unstructure
     does not fit. `optimizer` sets the state bytes per weight (None: no optimizer state)."""
     check_choice("scheme", scheme, SCHEMES)
     check_choice("allocation", allocation, ("uniform", "er", "erk"))
-    layers = [(n, m) for n, m in model.named_modules() if n and eligible(m) and (layer_filter is None or layer_filter(n, m))]
+    layers = [(n, m) for n, m in model.named_modules()
+              if n and eligible(m) and (layer_filter is None or layer_filter(n, m))]
     if not layers:
         raise ConfigError("mbst: the model has no Linear or ungrouped Conv layer to sparsify")
     dtype = layers[0][1].weight.dtype
@@ -101,7 +106,7 @@ def plan_sparsity(model: nn.Module, memory_mb: float, scheme: str = "unstructure
     if smallest > bound:
         raise ConfigError(f"mbst: memory_mb={memory_mb:g} cannot hold this model's {scheme} training state; "
                           f"the smallest bound that works is memory_mb={math.ceil(smallest / MIB * 1e4) / 1e4:g} "
-                          f"({smallest} bytes, one unit per row group)")
+                          f"({smallest} bytes, the sparsest plan)")
     lo, hi = 0.0, max(1.0 / r for r in rho)
     if total(kept_at(hi)) > bound:
         for _ in range(100):
@@ -197,8 +202,8 @@ def bound_for_sparsity(model: nn.Module, sparsity: float, scheme: str = "unstruc
 class MemoryBoundedSparse(Method):
     name = "mbst"
     summary = "sparse training whose weights+grads+optimizer state stay under memory_mb (prune and regrow)"
-    paper = ("Memory-Bounded Sparse Training on the Edge (HAET @ ICLR 2021); regrowth as in Evci et al., "
-             "Rigging the Lottery (ICML 2020)")
+    paper = ("Ma, Li, Yuan, Niu, Ren, Wang, Lin: Memory-Bounded Sparse Training on the Edge (HAET @ ICLR 2021); "
+             "regrowth as in Evci et al., Rigging the Lottery (ICML 2020)")
     config_class = MBSTConfig
 
     def __init__(self, config: MBSTConfig | None = None, /, **params) -> None:

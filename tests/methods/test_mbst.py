@@ -50,7 +50,8 @@ def test_footprint_equals_hand_count_unstructured_adam():
     model = _mlp()
     opt = torch.optim.Adam(model.parameters())
     first = layer_shape("1", model[1], "unstructured", (1, 1))
-    plan = [{"name": "1", "shape": first, "kept": 150}, {"name": "3", "shape": layer_shape("3", model[3], "unstructured", (1, 1)), "kept": 80}]
+    second = layer_shape("3", model[3], "unstructured", (1, 1))
+    plan = [{"name": "1", "shape": first, "kept": 150}, {"name": "3", "shape": second, "kept": 80}]
     modules = sparsify_(model, plan, optimizer=opt)
     assert isinstance(modules[0], UnstructuredSparse) and modules[1] is model[3]   # 80 of 80 stays dense
     _one_step(model, opt, torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0]))
@@ -123,9 +124,9 @@ def test_prune_and_regrow_keeps_the_count_and_resets_new_units():
     model = _mlp()
     opt = torch.optim.Adam(model.parameters())
     shape = layer_shape("1", model[1], "unstructured", (1, 1))
+    second = layer_shape("3", model[3], "unstructured", (1, 1))
     (layer, _) = sparsify_(model, [{"name": "1", "shape": shape, "kept": 100},
-                                   {"name": "3", "shape": layer_shape("3", model[3], "unstructured", (1, 1)), "kept": 80}],
-                           optimizer=opt)
+                                   {"name": "3", "shape": second, "kept": 80}], optimizer=opt)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
     _one_step(model, opt, x, y)
     opt.zero_grad()
