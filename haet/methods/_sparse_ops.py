@@ -107,7 +107,8 @@ def max_changes(s: LayerShape, kept: int, drop_fraction: float) -> int:
     return min(math.ceil(drop_fraction * s.rows * kept), s.rows * (s.units - kept))
 
 
-def optimizer_state_cost(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype) -> tuple[int, int]:
+def optimizer_state_cost(optimizer: torch.optim.Optimizer | None, dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> tuple[int, int]:
     """Bytes of optimizer state per element and per parameter tensor, found by stepping a copy of
     the optimizer (same class and settings as its first group) on a 1- and a 2-element tensor."""
     if optimizer is None:
@@ -116,8 +117,8 @@ def optimizer_state_cost(optimizer: torch.optim.Optimizer | None, dtype: torch.d
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted}
 
     def state_bytes(n: int) -> int:
-        p = torch.zeros(n, dtype=dtype, requires_grad=True)
-        p.grad = torch.ones(n, dtype=dtype)
+        p = torch.zeros(n, dtype=dtype, device=device, requires_grad=True)
+        p.grad = torch.ones(n, dtype=dtype, device=device)
         try:
             probe = type(optimizer)([p], **settings)
             probe.step()

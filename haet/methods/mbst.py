@@ -82,8 +82,8 @@ def plan_sparsity(model: nn.Module, memory_mb: float, scheme: str = "unstructure
               if n and eligible(m) and (layer_filter is None or layer_filter(n, m))]
     if not layers:
         raise ConfigError("mbst: the model has no Linear or ungrouped Conv layer to sparsify")
-    dtype = layers[0][1].weight.dtype
-    per_elem, per_tensor = optimizer_state_cost(optimizer, dtype)
+    dtype, device = layers[0][1].weight.dtype, layers[0][1].weight.device
+    per_elem, per_tensor = optimizer_state_cost(optimizer, dtype, device)
     shapes = [layer_shape(n, m, scheme, block) for n, m in layers]
     rho = [1.0 if allocation == "uniform" else s.erk(allocation == "erk") for s in shapes]
     vb = torch.empty((), dtype=dtype).element_size()
@@ -129,7 +129,7 @@ def sparsify_(model: nn.Module, plan: list[dict], *, optimizer: torch.optim.Opti
         p = by_name.get(name)
         if p is None:
             return None
-        cls = UnstructuredSparse if p["shape"].bo == 1 and p["shape"].unit_numel == 1 else BlockSparse
+        cls = UnstructuredSparse if p["shape"].rows == 1 and p["shape"].unit_numel == 1 else BlockSparse
         return cls(module, p["shape"], p["kept"])
 
     if by_name:
@@ -208,7 +208,7 @@ class MemoryBoundedSparse(Method):
 
     def __init__(self, config: MBSTConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
-        self.modules: list[nn.Module] = []
+        self.layers: list[nn.Module] = []
         self.plan: list[dict] = []
         self.peak_bytes = 0
         self.epoch_peak = 0
@@ -224,9 +224,9 @@ class MemoryBoundedSparse(Method):
         model = state.unwrapped_model
         self.plan = plan_sparsity(model, c.memory_mb, c.scheme, optimizer=state.optimizer, allocation=c.allocation,
                                   block=c.block, drop_fraction=c.drop_fraction)
-        self.modules = sparsify_(model, self.plan, optimizer=state.optimizer, state=state)
+        self.layers = sparsify_(model, self.plan, optimizer=state.optimizer, state=state)
         if c.lr_compensation:
-            compensate_learning_rate_(state.optimizer, self.modules)
+            compensate_learning_rate_(state.optimizer, self.layers)
 
     def epoch_start(self, state) -> None:
         if self.update_end_step is None and hasattr(state.train_loader, "__len__"):
@@ -238,7 +238,8 @@ class MemoryBoundedSparse(Method):
         end = self.update_end_step
         fraction = c.drop_fraction if end is None else \
             c.drop_fraction / 2 * (1 + math.cos(math.pi * min(t, end) / max(end, 1)))
-        self._updating = t % c.update_every == 0 and (end is None or t <= end) and fraction > 0
+        self._updating = t % c.update_every == 0 and (end is None or t <= end) and fraction > 0 \
+            and bool(self._sparse())
         for m in self._sparse():
             m.changes = round(fraction * m.values.shape[0] if isinstance(m, UnstructuredSparse)
                               else fraction * m.shape.rows * m.kept) if self._updating else 0
@@ -246,9 +247,9 @@ class MemoryBoundedSparse(Method):
             state.model_version += 1     # this step runs dense kernels: meters measure it apart
 
     def after_backward(self, state) -> None:
-        self._grad_bytes = sum(p.grad.numel() * p.grad.element_size() for m in self.modules
+        self._grad_bytes = sum(p.grad.numel() * p.grad.element_size() for m in self.layers
                                for p in m.parameters(recurse=False) if p.grad is not None)
-        self._record(footprint_bytes(self.modules, state.optimizer))   # the plan is still held here
+        self._record(footprint_bytes(self.layers, state.optimizer))   # the plan is still held here
         if self._updating:
             for m in self._sparse():
                 self.changed_units += m.apply_pending(state.optimizer)
@@ -259,7 +260,7 @@ class MemoryBoundedSparse(Method):
 
     def after_step(self, state) -> None:
         # gradients (freed by zero_grad by now) coexisted with the updated optimizer state
-        self._record(footprint_bytes(self.modules, state.optimizer, grads=False) + self._grad_bytes)
+        self._record(footprint_bytes(self.layers, state.optimizer, grads=False) + self._grad_bytes)
         if self.config.scheme == "unstructured":
             batch = len(state.batch[1])
             self.sparse_hw_flops_saved += sum(6.0 * batch * m.positions * (m.shape.numel - m.values.numel())
@@ -290,7 +291,7 @@ class MemoryBoundedSparse(Method):
         self.sparse_hw_flops_saved = state_dict["sparse_hw_flops_saved"]
 
     def _sparse(self):
-        return [m for m in self.modules if isinstance(m, (UnstructuredSparse, BlockSparse))]
+        return [m for m in self.layers if isinstance(m, (UnstructuredSparse, BlockSparse))]
 
     def _record(self, nbytes: int) -> None:
         self.peak_bytes = max(self.peak_bytes, nbytes)
