@@ -43,7 +43,7 @@ LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass(frozen=True)
 class GSPConfig:
-    target: float = 0.8       # average Hoyer sparsity of each group, in (0, 1); 0.8 keeps ~10% of a 1568-wide row
+    target: float = 0.8       # average Hoyer sparsity of each group, in (0, 1); the paper's main setting
     every: int = 1            # optimizer steps between projections; 1 = a proximal step after every update
     group: Literal["layer", "model"] = "layer"  # which vectors share one dual variable (one target)
     mode: Literal["train", "oneshot"] = "train"  # project during training, or once then fine-tune
@@ -116,9 +116,10 @@ def project_model_(model: nn.Module, target: float, group: str = "layer", *, tol
         return {"mu": [], "iterations": 0, "evaluations": 0, "converged": True}
     mats = [m.weight.reshape(m.weight.shape[0], -1) for _, m in layers]
     groups = [[w] for w in mats] if group == "layer" else [mats]
-    out, info = project_groups(groups, target, tol, 100, mu0 if mu0 is not None and len(mu0) == len(groups) else None)
-    for w, p in zip(mats, (p for g in out for p in g)):
-        w.copy_(p)
+    start = mu0 if mu0 is not None and len(mu0) == len(groups) else None
+    out, info = project_groups(groups, target, tol, 100, start)
+    for (_, m), p in zip(layers, (p for g in out for p in g)):
+        m.weight.copy_(p.reshape(m.weight.shape))   # also right for a non-contiguous weight
     return info
 
 
