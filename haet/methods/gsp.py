@@ -175,13 +175,12 @@ class GroupedSparseProjection(Method):
     def before_eval(self, state) -> None:
         if self.config.mode == "train" and state.epoch >= self.config.start_epoch:
             self._project(state)           # evaluate (and checkpoint) the projected model
-        model = state.unwrapped_model
-        self._report = layer_report(model)
-        weights = torch.cat([m.weight.detach().reshape(-1) for _, m in sparse_layers(model)])
-        filters = [m.weight.reshape(m.weight.shape[0], -1) for _, m in sparse_layers(model)]
-        hoyer = torch.cat([hoyer_sparsity(f) for f in filters]) if filters else None
-        self._overall = {"gsp/hoyer": float(hoyer.mean()) if hoyer is not None else None,
-                         "gsp/zero_fraction": float((weights == 0).double().mean()) if len(weights) else None}
+        layers = sparse_layers(state.unwrapped_model)
+        self._report = layer_report(state.unwrapped_model)
+        if layers:
+            hoyer = torch.cat([hoyer_sparsity(m.weight.reshape(m.weight.shape[0], -1)) for _, m in layers])
+            zeros = sum(int((m.weight == 0).sum()) for _, m in layers) / sum(m.weight.numel() for _, m in layers)
+            self._overall = {"gsp/hoyer": float(hoyer.mean()), "gsp/zero_fraction": zeros}
 
     def epoch_metrics(self) -> dict:
         return dict(self._overall)
@@ -202,11 +201,13 @@ class GroupedSparseProjection(Method):
 
     def _project(self, state) -> None:
         c = self.config
+        layers = sparse_layers(state.unwrapped_model)
+        if not layers:
+            return
         info = project_model_(state.unwrapped_model, c.target, c.group, mu0=self.mu or None)
         self.mu = info["mu"]      # the weights move little between steps: warm-start the next solve
         self.projections += 1
-        layers = sparse_layers(state.unwrapped_model)
-        if "flops" in state.meters and layers:   # the solve runs in the weights' dtype (at least float32)
+        if "flops" in state.meters:   # the solve runs in the weights' dtype (at least float32)
             n = sum(m.weight.numel() for _, m in layers)
             dtype = torch.promote_types(layers[0][1].weight.dtype, torch.float32)
             flops = (_FLOPS_PER_EVALUATION * info["evaluations"] + _FLOPS_TO_APPLY) * n
