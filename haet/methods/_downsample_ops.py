@@ -24,11 +24,21 @@ from torch import nn
 
 
 class LowRes:
-    """The switch shared by one model's low-resolution layers: factor 0 means regular."""
+    """The switch shared by one model's low-resolution layers: factor 0 means regular.
 
-    def __init__(self, kernel: str = "avg") -> None:
+    While it is on, the model's BatchNorm layers normalize with the batch's own statistics but do
+    not update their running statistics: those stay the full-resolution ones evaluation uses.
+    """
+
+    def __init__(self, kernel: str = "avg", norms=()) -> None:
         self.factor = 0
         self.kernel = kernel
+        self._norms = [(m, m.track_running_stats) for m in norms]
+
+    def set(self, factor: int) -> None:
+        self.factor = factor
+        for m, tracked in self._norms:
+            m.track_running_stats = tracked and not factor
 
 
 def pooling_matrix(k: int, k_low: int, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -42,8 +42,9 @@ def bfloat16_is_native(device: torch.device) -> bool:
 @torch.no_grad()
 def last_layer_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None, *,
                         batch_size: int = 64, bfloat16: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Inputs ``H`` (N, d) of the final linear layer, logit gradients ``G`` (N, C) of the loss, and
-    the FLOPs of the forward pass (counted on the first batch, scaled to N).
+    """Inputs of the final linear layer with a column of ones appended, ``H`` (N, d+1) = [h, 1]
+    (the ones stand for the bias), logit gradients ``G`` (N, C) of the loss, and the FLOPs of the
+    forward pass (counted on the first batch, scaled to N).
 
     One forward pass in eval mode (BatchNorm statistics are not touched); no backward through the
     network. `loss_fn` None or ``F.cross_entropy`` uses the closed form ``softmax(z) − onehot(y)``;
@@ -58,7 +59,7 @@ def last_layer_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss
         handles += [m.register_forward_hook(_channels_last) for m in model.modules() if isinstance(m, nn.Conv2d)]
     was_training = model.training
     model.eval()
-    hs, gs, flops = [], [], 0.0
+    H, gs, flops = None, [], 0.0
     try:
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
@@ -77,13 +78,15 @@ def last_layer_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss
             if h.dim() != 2:
                 raise ConfigError(f"gradmatch needs 2-D inputs (batch, features) to the last layer {name!r}, "
                                   f"got shape {tuple(h.shape)}")
-            hs.append(h.float())
+            if H is None:  # written in place: no concatenation copies of an (N, d) matrix
+                H = torch.ones(len(x), h.shape[1] + 1, device=h.device)
+            H[start:start + len(h), :-1] = h
             gs.append(logit_gradients(out.float(), yb, loss_fn))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return torch.cat(hs), torch.cat(gs), flops
+    return H, torch.cat(gs), flops
 
 
 def _channels_last(module, inputs, output):
@@ -128,14 +131,15 @@ def make_pools(labels: torch.Tensor | None, n: int, pool_size: int, generator: t
 
 def gather_pools(H: torch.Tensor, G: torch.Tensor, pools: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pool copies (P, n, ·) of `H` and `G`, zero rows where a pool is padded."""
-    idx = torch.where(pools >= 0, pools, len(H))  # the padding points at an appended zero row
-    zero = lambda t: torch.cat([t, t.new_zeros(1, t.shape[1])])  # noqa: E731
-    return zero(H)[idx], zero(G)[idx]
+    pad = pools < 0
+    Hp, Gp = H[pools.clamp(min=0)], G[pools.clamp(min=0)]
+    Hp[pad], Gp[pad] = 0.0, 0.0
+    return Hp, Gp
 
 
 def pool_gram(Hp: torch.Tensor, Gp: torch.Tensor) -> torch.Tensor:
-    """Gram matrices (P, n, n) of the last-layer gradients of each pool (`gather_pools` output;
-    H with a column of ones appended, h̃ = [h, 1], for the bias); padding rows are zero."""
+    """Gram matrices (P, n, n) of the last-layer gradients of each pool (from `gather_pools` of
+    `last_layer_features`'s H = [h, 1] and G); padding rows are zero."""
     return torch.bmm(Gp, Gp.transpose(1, 2)) * torch.bmm(Hp, Hp.transpose(1, 2))
 
 
@@ -208,7 +212,7 @@ def omp_gram(K: torch.Tensor, c: torch.Tensor, budget: torch.Tensor, *, lam: tor
         cS[:, t] = torch.where(act, c[rows, j], 0.0)
         x[:, :t + 1] = torch.cholesky_solve(cS[:, :t + 1, None], L[:, :t + 1, :t + 1]).squeeze(-1)
         sel[:, t] = torch.where(act, j, -1)
-        avail[rows[act], j[act]] = False
+        avail[rows, j] &= done  # chosen now: unavailable (finished pools keep their mask)
         flops += 2.0 * P * n * (t + 1) + 4.0 * P * (t + 1) ** 2
     k = int((sel >= 0).sum(1).max()) if bool((sel >= 0).any()) else 0
     sel, x = sel[:, :k], x[:, :k]

@@ -42,18 +42,20 @@ class DownsampleConfig:
     every: int = 2               # every `every`-th batch runs at low resolution (1 = all of them)
     factor: int = 2              # spatial downsampling of inputs and kernels (2: 28×28 → 14×14, 3×3 → 2×2)
     kernel: Literal["avg", "none"] = "avg"  # "avg": area-pooled kernels; "none": full kernels on small inputs
+    until: float = 0.8           # share of the epochs, from the start, that downsample; the last ones refine at full size
 
     def __post_init__(self) -> None:
         check_range("every", self.every, 1, None, integer=True)
         check_range("factor", self.factor, 2, 8, integer=True)
         check_choice("kernel", self.kernel, ("avg", "none"))
+        check_range("until", self.until, 0, 1, lo_open=True)
 
 
 def apply_downsample(model: nn.Module, example_input: torch.Tensor | None = None, *, kernel: str = "avg",
                      factor: int = 2,
                      optimizer: torch.optim.Optimizer | None = None, state=None) -> LowRes:
-    """Make `model` able to run at low resolution; return the switch (``switch.factor = f`` on,
-    ``0`` off; or use `low_resolution`). Convolutions and flatten layers are swapped for
+    """Make `model` able to run at low resolution; return the switch (``switch.set(f)`` on,
+    ``switch.set(0)`` off; or use `low_resolution`). Convolutions and flatten layers are swapped for
     subclasses that share their parameters (the optimizer needs no change, names in the state
     dict stay the same). `example_input` (a few full-resolution samples) is run once at both
     resolutions: a layer that fails at low resolution raises ConfigError naming it, and so does an
@@ -61,7 +63,7 @@ def apply_downsample(model: nn.Module, example_input: torch.Tensor | None = None
     full-resolution size from the first regular forward pass.
     """
     check_choice("kernel", kernel, ("avg", "none"))
-    lowres = LowRes(kernel)
+    lowres = LowRes(kernel, [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             if module.padding_mode != "zeros" or any(d != 1 for d in module.dilation):
@@ -92,12 +94,14 @@ def remove_downsample(model: nn.Module, optimizer: torch.optim.Optimizer | None 
 @contextlib.contextmanager
 def low_resolution(lowres: LowRes, factor: int = 2):
     """Within the block the model's convolutions pool their kernels by `factor` (feed it
-    ``downsample_input(x, factor)``)."""
-    before, lowres.factor = lowres.factor, factor
+    ``downsample_input(x, factor)``) and its BatchNorm layers leave their running statistics as
+    they are."""
+    before = lowres.factor
+    lowres.set(factor)
     try:
         yield lowres
     finally:
-        lowres.factor = before
+        lowres.set(before)
 
 
 class Downsample(Method):
@@ -121,8 +125,8 @@ class Downsample(Method):
         self.flops_per_sample = _flops_per_sample(model, example, self.lowres, self.config.factor)
 
     def batch_start(self, state) -> None:
-        low = (state.step + 1) % self.config.every == 0
-        self.lowres.factor = self.config.factor if low else 0
+        low = (state.step + 1) % self.config.every == 0 and state.epoch <= self.config.until * state.epochs
+        self.lowres.set(self.config.factor if low else 0)
         if low:
             x, *rest = state.batch
             state.batch = (downsample_input(x, self.config.factor), *rest)
@@ -132,11 +136,11 @@ class Downsample(Method):
             self.downsampled_steps += 1
             full, low = self.flops_per_sample
             self.flops_saved += (full - low) * len(state.batch[1])
-        self.lowres.factor = 0
+        self.lowres.set(0)
 
     def before_eval(self, state) -> None:
         if self.lowres is not None:
-            self.lowres.factor = 0  # evaluation always runs at full resolution
+            self.lowres.set(0)  # evaluation always runs at full resolution
 
     def epoch_metrics(self) -> dict:
         return {"downsample/downsampled_steps": self.downsampled_steps, "downsample/flops_saved": self.flops_saved}

@@ -90,8 +90,7 @@ def grad_match_select(model: nn.Module, data: TensorData | tuple, fraction: floa
     if bfloat16 is None:
         bfloat16 = ops.bfloat16_is_native(device)
     H, G, forward_flops = ops.last_layer_features(model, x[candidates].to(device), y[candidates].to(device),
-                                                  loss_fn, bfloat16=bfloat16)
-    H = torch.cat([H, torch.ones(len(H), 1, device=H.device)], 1)  # the bias's gradient is g·1
+                                                  loss_fn, bfloat16=bfloat16)  # H = [h, 1]: bias too
     gen = torch.Generator().manual_seed(seed)
     labels = y[candidates] if y.dtype == torch.long and y.dim() == 1 else None
     if per_batch:  # candidates are the mini-batches of a random partition; their gradients are summed
@@ -249,7 +248,6 @@ def _valid_targets(model, target_data, pool_labels, sizes, loss_fn, device, bflo
     given, else of all of it, scaled to stand for as many samples as each pool (`sizes`)."""
     vx, vy = (target_data.x, target_data.y) if isinstance(target_data, TensorData) else target_data
     Hv, Gv, flops = ops.last_layer_features(model, vx.to(device), vy.to(device), loss_fn, bfloat16=bfloat16)
-    Hv = torch.cat([Hv, torch.ones(len(Hv), 1, device=Hv.device)], 1)
     out = []
     for p, size in enumerate(sizes.tolist()):
         mask = torch.ones(len(Hv), dtype=torch.bool) if pool_labels is None else vy.cpu() == pool_labels[p]

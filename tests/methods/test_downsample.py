@@ -151,3 +151,18 @@ def test_bad_parameters_name_the_parameter_and_range():
         Downsample(every=0)
     with pytest.raises(haet.ConfigError, match=r"downsample:kernel must be one of avg, none"):
         parse_method("downsample:kernel=max")
+
+
+def test_low_resolution_batches_leave_batchnorm_running_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    lowres = apply_downsample(model, torch.zeros(2, 1, 8, 8))
+    bn = model[1]
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    with low_resolution(lowres, 2):
+        model(downsample_input(torch.randn(4, 1, 8, 8) + 3, 2))
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert bn.track_running_stats  # restored after the block
+    model(torch.randn(4, 1, 8, 8) + 3)
+    assert not torch.equal(bn.running_mean, mean)  # regular batches update them as usual

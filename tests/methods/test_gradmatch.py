@@ -57,8 +57,7 @@ def test_closed_form_gram_equals_autograd_per_example_gradients(mnist5k):
     torch.manual_seed(0)
     model = small_cnn()
     x, y = train.x[:40], train.y[:40]
-    H, G, _ = ops.last_layer_features(model, x, y)
-    H = torch.cat([H, torch.ones(len(H), 1)], 1)
+    H, G, _ = ops.last_layer_features(model, x, y)  # H = [h, 1]
     pools = ops.make_pools(y, len(x), 1024, torch.Generator().manual_seed(0))
     K = ops.pool_gram(*ops.gather_pools(H, G, pools))
     fc = model[-1]
