@@ -42,7 +42,7 @@ class DownsampleConfig:
     every: int = 2               # every `every`-th batch runs at low resolution (1 = all of them)
     factor: int = 2              # spatial downsampling of inputs and kernels (2: 28×28 → 14×14, 3×3 → 2×2)
     kernel: Literal["avg", "none"] = "avg"  # "avg": area-pooled kernels; "none": full kernels on small inputs
-    until: float = 0.8           # share of the epochs, from the start, that downsample; the last ones refine at full size
+    until: float = 0.8           # share of the epochs (rounded), from the start, that downsample; the rest refine at full size
 
     def __post_init__(self) -> None:
         check_range("every", self.every, 1, None, integer=True)
@@ -125,7 +125,7 @@ class Downsample(Method):
         self.flops_per_sample = _flops_per_sample(model, example, self.lowres, self.config.factor)
 
     def batch_start(self, state) -> None:
-        low = (state.step + 1) % self.config.every == 0 and state.epoch <= self.config.until * state.epochs
+        low = (state.step + 1) % self.config.every == 0 and state.epoch <= round(self.config.until * state.epochs)
         self.lowres.set(self.config.factor if low else 0)
         if low:
             x, *rest = state.batch

@@ -36,7 +36,7 @@ def images(n=8, size=8, seed=0):
 def test_low_resolution_step_flops_equal_the_analytic_count():
     data, B = images(8), 4
     haet.seed_everything(0)
-    method, meters = Downsample(every=2), default_meters()
+    method, meters = Downsample(every=2, until=1.0), default_meters()
     record = haet.Trainer(pooled_net(), data, methods=[method], meters=meters, batch_size=B,
                           progress=False).fit(epochs=1)
     assert record.steps == 2 and method.downsampled_steps == 1  # step 1 regular, step 2 low resolution
@@ -87,7 +87,7 @@ def test_pooled_kernel_gradients_reach_the_full_weights():
 def test_regular_batches_are_bit_identical_to_the_baseline():
     data = images(16, 8)
     runs = {}
-    for name, methods in (("baseline", []), ("downsample", [Downsample(every=2)])):
+    for name, methods in (("baseline", []), ("downsample", [Downsample(every=2, until=1.0)])):
         haet.seed_everything(0)
         model = pooled_net()
         haet.Trainer(model, data, methods=methods, batch_size=4, budget=haet.Budget(steps=1),
@@ -99,7 +99,7 @@ def test_regular_batches_are_bit_identical_to_the_baseline():
     # After low-resolution steps, a regular forward/backward is the plain model's, bit for bit.
     haet.seed_everything(1)
     model = pooled_net()
-    method = Downsample(every=2)
+    method = Downsample(every=2, until=1.0)
     haet.Trainer(model, data, methods=[method], batch_size=4, progress=False).fit(epochs=1)
     assert method.downsampled_steps == 2
     plain = pooled_net()
@@ -166,3 +166,10 @@ def test_low_resolution_batches_leave_batchnorm_running_statistics_alone():
     assert bn.track_running_stats  # restored after the block
     model(torch.randn(4, 1, 8, 8) + 3)
     assert not torch.equal(bn.running_mean, mean)  # regular batches update them as usual
+
+
+def test_the_last_epochs_run_at_full_resolution():
+    method = Downsample(every=1, until=0.5)
+    haet.seed_everything(0)
+    record = haet.Trainer(pooled_net(), images(8), methods=[method], batch_size=4, progress=False).fit(epochs=4)
+    assert record.steps == 8 and method.downsampled_steps == 4  # epochs 1-2 (round(0.5·4)) only
