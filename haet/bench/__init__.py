@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -124,8 +124,9 @@ def run_dir_name(label: str) -> str:
 def run_bench(task: str, entries: list[str], seeds: int, epochs: int, out: Path, *, model: str | None = None,
               budget: dict | None = None, device: str = "auto", data_dir: str | None = None,
               on_run: Callable[[str, int, RunRecord | None, Exception | None], None] | None = None,
-              batch_size: int = 64) -> dict:
-    """Run every entry for seeds 0..seeds-1 and write the report; returns `build_report`'s dict
+              batch_size: int = 64, warmup_steps: int = 10) -> dict:
+    """Run every entry for seeds 0..seeds-1 (after `warmup_steps` untimed steps of each) and write
+    the report; returns `build_report`'s dict
     plus ``failed`` (the (label, seed) pairs whose training raised) and ``interrupted`` (Ctrl-C
     stopped the bench after the run it interrupted)."""
     from ..report import build_report
@@ -137,6 +138,11 @@ def run_bench(task: str, entries: list[str], seeds: int, epochs: int, out: Path,
                for s in range(seeds) for e in entries]
     for c in configs[:len(entries)]:
         prepare(c)  # every entry is checked before the first run starts
+    if warmup_steps:
+        # Untimed warm-up of every entry (first-use costs: lazy imports, allocator growth, kernel
+        # selection), so that the first measured run is not charged for them.
+        for c in configs[:len(entries)]:
+            execute(prepare(replace(c, budget={**c.budget, "steps": warmup_steps})), None, progress=False)
     failed, interrupted = [], False
     for c in configs:
         run = prepare(c)

@@ -160,7 +160,8 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
     axes_spec = [("train_s", "train time (s)"), ("energy_j", "energy (J)"), ("peak_mem_mb", "peak memory (MiB)")]
     energy_sources = sorted({s.energy_source for s in summaries})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = plt.get_cmap("tab20").colors  # 20 colours and 7 markers: every method keeps its own look
+    markers = "osD^vPX"
     for ax, (key, xlabel) in zip(axes, axes_spec):
         pts = []
         for i, s in enumerate(summaries):
@@ -170,7 +171,8 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
             pts.append((x, y))
             is_base = s.method == "baseline"
             ax.errorbar(x, y, xerr=s.std.get(key) or 0, yerr=s.std.get("accuracy") or 0,
-                        fmt="*" if is_base else "o", ms=14 if is_base else 7, color="black" if is_base else colors[i % len(colors)],
+                        fmt="*" if is_base else markers[i % len(markers)], ms=14 if is_base else 7,
+                        color="black" if is_base else colors[(2 * i + i // 10) % len(colors)],
                         capsize=3, label=s.method, zorder=3)
             if is_base:
                 ax.axhline(y, color="gray", ls="--", lw=0.8)
