@@ -40,8 +40,7 @@ def main() -> None:
     result = run_bench("mnist5k", entries, args.seeds, args.epochs, out)
     print((out / "report.md").read_text())
     records: dict[str, list[RunRecord]] = {e: [] for e in entries}
-    for path in sorted(out.glob("runs/*/seed*/record.json")):
-        r = RunRecord.load(path)
+    for r in result["records"]:
         records.setdefault(r.label, []).append(r)
     base_s = statistics.median(r.cost["train_s"] for r in records["baseline"])
     print(f"mnist5k, mnist5k-cnn, {args.epochs} epochs, {args.seeds} seeds; {len(result.get('failed', []))} failed runs\n")

@@ -24,21 +24,8 @@ from pathlib import Path
 
 import torch
 
-import haet
-from haet.bench import run_bench, run_dir_name
-from haet.core.record import RunRecord, hardware_info
-from haet.data import get_task
-from haet.methods import parse_entry
-from haet.models import build_model
-
-
-def warm_up(entries: list[str]) -> None:
-    train, test = get_task("mnist5k").load(0, None)
-    for e in entries:
-        haet.seed_everything(0)
-        model = build_model("resnet8", (1, 28, 28), 10)
-        haet.Trainer(model, train, test, methods=parse_entry(e), progress=False,
-                     budget=haet.Budget(steps=20)).fit(1)
+from haet.bench import run_bench
+from haet.core.record import hardware_info
 
 
 def main() -> None:
@@ -54,11 +41,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}")
     print(f"# haet bench --task mnist5k --model resnet8 --methods {','.join(entries)} "
           f"--seeds {args.seeds} --epochs {args.epochs}")
-    warm_up(entries)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-downsample-"))
     result = run_bench("mnist5k", entries, args.seeds, args.epochs, out, model="resnet8")
-    runs = {(e, s): RunRecord.load(out / "runs" / run_dir_name(e) / f"seed{s}" / "record.json")
-            for e in entries for s in range(args.seeds)}
+    runs = {(r.method_label, r.seed): r for r in result["records"]}  # run_bench warmed every entry up
 
     print("\n| entry | accuracy (per seed) | test error (mean) | relative error change | train s (median) "
           "| × baseline (median) | FLOPs × baseline | low-res steps |")

@@ -25,24 +25,13 @@ from pathlib import Path
 
 import torch
 
-import haet
-from haet.bench import run_bench, run_dir_name
-from haet.core.record import RunRecord, hardware_info
-from haet.data import get_task
-from haet.methods import parse_method
-from haet.models import build_model
+from haet.bench import run_bench
+from haet.core.record import hardware_info
 
 ENTRIES = ["baseline", "random_subset:fraction=0.3", "gradmatch:fraction=0.3", "gradmatch:fraction=0.1",
            # beyond the list: the per-batch variant and a sparser schedule, at the same fraction
            "gradmatch:fraction=0.3,per_batch=true", "gradmatch:fraction=0.3,select_every=10"]
 CORDS_SELECTION_S = 69.6 / 10  # ANCHORS.md: CORDS GRAD-MATCH 30%, 10 selections in 20 epochs
-
-
-def warm_up() -> None:
-    train, test = get_task("mnist5k").load(0, None)
-    haet.seed_everything(0)
-    model = build_model("mnist5k-cnn", (1, 28, 28), 10)
-    haet.Trainer(model, train, test, methods=[parse_method("gradmatch")], progress=False).fit(1)
 
 
 def main() -> None:
@@ -56,11 +45,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}")
     print(f"# haet bench --task mnist5k --model mnist5k-cnn --methods {','.join(ENTRIES)} "
           f"--seeds {args.seeds} --epochs {args.epochs}")
-    warm_up()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-gradmatch-"))
     result = run_bench("mnist5k", ENTRIES, args.seeds, args.epochs, out, model="mnist5k-cnn")
-    runs = {(e, s): RunRecord.load(out / "runs" / run_dir_name(e) / f"seed{s}" / "record.json")
-            for e in ENTRIES for s in range(args.seeds)}
+    runs = {(r.method_label, r.seed): r for r in result["records"]}  # run_bench warmed every entry up
 
     print("\n| entry | accuracy (per seed) | mean | Δ vs baseline, pt | train s (median) | × baseline (median) "
           "| selection s (median) | s per selection |")

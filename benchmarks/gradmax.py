@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from haet.bench import run_bench
-from haet.core.record import RunRecord, cpu_name
+from haet.core.record import cpu_name
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         result = run_bench("mnist5k", entries, args.seeds, args.epochs, out, model=args.model, device="cpu")
-        records = [RunRecord.load(p) for p in sorted((out / "runs").glob("*/seed*/record.json"))]
+        records = result["records"]
     if result["failed"]:
         print(f"# failed runs: {result['failed']}")
     rows = {}

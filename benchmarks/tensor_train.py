@@ -49,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         result = run_bench("mnist5k", entries, args.seeds, args.epochs, out, model="mlp", device="cpu")
-        records = [RunRecord.load(p) for p in sorted((out / "runs").glob("*/seed*/record.json"))]
+        records = result["records"]
     if result["failed"]:
         print(f"# failed runs: {result['failed']}")
     base_runs = [r for r in records if r.method_label == "baseline"]

@@ -206,4 +206,4 @@ def build_report(dirs, out: Path | None = None) -> dict:
     plot = plot_pareto(summaries, out / "pareto.png", title=f"{', '.join(tasks)}: accuracy against cost "
                        "(baseline: black star; mean ± std over seeds)")
     return {"results": write_csv(table, out / "results.csv"), "report": write_markdown(table, summaries, out / "report.md", plot),
-            "pareto": plot, "summaries": summaries, "rows": table}
+            "pareto": plot, "summaries": summaries, "rows": table, "records": [r for _, r in records]}
