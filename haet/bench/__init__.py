@@ -90,7 +90,7 @@ def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, ch
     trainer = Trainer(model, a["train"], a["test"], loss_fn=task.loss_fn, eval_fn=task.eval_fn,
                       methods=methods, budget=a["budget"], device=c.device,
                       seed=c.seed, progress=progress, batch_size=c.batch_size, out_dir=out_dir,
-                      checkpoint=checkpoint, task=a["task"].name, model_name=a["model_name"], label=c.methods)
+                      checkpoint=checkpoint, task=task.name, model_name=a["model_name"], label=c.methods)
     if out_dir is not None and trainer.rank == 0 and not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")

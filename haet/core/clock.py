@@ -42,6 +42,11 @@ class PhaseClock:
         self._running = False
 
     @property
+    def running(self) -> bool:
+        """Whether training time is being counted (between `start` and `pause`)."""
+        return self._running
+
+    @property
     def train_s(self) -> float:
         """Training time so far: the sum of all phases, including the methods' own work."""
         total = sum(self.phases_s.values())

@@ -20,12 +20,6 @@ from .errors import ConfigError
 
 SCHEMA = 1
 
-STOPPED_BY = ("epochs", "budget:time", "budget:energy", "budget:steps", "budget:flops", "budget:mem",
-              "nonfinite_loss", "interrupt", "error")
-
-COST_KEYS = ("wall_s", "train_s", "eval_s", "phases_s", "peak_mem_mb", "memory_bytes", "flops", "mfu",
-             "energy_j", "energy_source")
-
 
 @dataclass
 class RunRecord:

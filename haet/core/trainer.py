@@ -240,7 +240,7 @@ class Trainer:
         if handlers:
             for fn in handlers:
                 fn(self.state)
-            if self.state.clock._running:
+            if self.state.clock.running:
                 self.state.clock.lap("methods")
         for fn in self._meter_handlers[event]:
             fn(self.state)
@@ -281,7 +281,7 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> Iterable:
-        data, state = self.state.train_data, self.state
+        data = self.state.train_data
         if isinstance(data, TensorData):
             return Loader(data, self.batch_size, seed=self.seed, rank=self.rank,
                           world_size=self.world_size).set_epoch(epoch)

@@ -120,10 +120,4 @@ def split_entries(text: str) -> list[str]:
             entries.append(item)
     if not entries:
         raise ConfigError("no methods given; e.g. --methods baseline,NAME[:k=v]")
-    seen = set()
-    out = []
-    for e in entries:
-        if e not in seen:
-            seen.add(e)
-            out.append(e)
-    return out
+    return list(dict.fromkeys(entries))  # drop repeats, keep order

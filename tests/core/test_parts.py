@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import haet
 from haet import Budget, ConfigError, RunRecord, TensorData
 from haet.core.config import check_choice, check_range, parse_params
 from haet.core.surgery import replace_modules

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import haet
-from haet import Budget, Event, Method, TensorData
+from haet import Budget, Event, Method
 
 from ..conftest import tiny_cnn
 
