@@ -26,7 +26,7 @@ from rich.table import Table
 
 from . import __version__
 from .core.budget import Budget
-from .core.distributed import env_world
+from .core.distributed import env_world, shutdown
 from .core.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("haet: interrupted", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        shutdown()  # under torchrun: leave the process group in the main flow, not at interpreter exit
 
 
 # -- listings ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ shard of every epoch, agrees on stopping across ranks, aggregates the meters and
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 
 import torch
@@ -38,6 +39,7 @@ def init(device: torch.device) -> tuple[int, int]:
 def shutdown() -> None:
     """Leave the process group (if one is open)."""
     if dist.is_initialized():
+        gc.collect()  # finish off DDP reducers and pending work objects while the group still exists
         dist.barrier()  # no rank tears its end down while another still talks to it
         dist.destroy_process_group()
 

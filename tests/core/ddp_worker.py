@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 import haet
+from haet.core.distributed import shutdown
 from haet.data import TensorData
 
 out = Path(sys.argv[1])
@@ -20,3 +21,4 @@ record = trainer.fit(epochs=2)
 rank = trainer.rank
 torch.save({"state": model.state_dict(), "steps": record.steps, "world": trainer.world_size,
             "cost_world": record.cost.get("world_size")}, out / f"rank{rank}.pt")
+shutdown()
