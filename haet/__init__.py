@@ -16,6 +16,7 @@ from .core.record import RunRecord  # noqa: E402
 from .core.state import State  # noqa: E402
 from .core.trainer import Trainer, evaluate, seed_everything  # noqa: E402
 from .data.loader import Loader, TensorData  # noqa: E402
+from .methods import register_method  # noqa: E402
 
 __all__ = ["Trainer", "Budget", "Method", "Event", "State", "RunRecord", "ConfigError", "TensorData", "Loader",
-           "evaluate", "seed_everything", "__version__"]
+           "evaluate", "seed_everything", "register_method", "__version__"]

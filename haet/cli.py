@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import sys
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from .core.distributed import env_world, shutdown
 from .core.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+#: Subcommands that live in their own modules: name -> module exposing HELP, add_arguments(parser), run(args).
+COMMANDS: dict[str, str] = {
+}
 
 # Wide tables when writing to a file or a pipe (CI logs, `make run | tee`); the terminal's width otherwise.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -86,14 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild results.csv, report.md, pareto.png from records")
     r.add_argument("dirs", nargs="+", help="directories searched for record.json")
     r.add_argument("--out", help="where to write (default: the first directory)")
+
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(module)
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"tasks": cmd_tasks, "methods": cmd_methods, "train": cmd_train, "bench": cmd_bench,
-                "report": cmd_report}[args.command](args)
+        builtin = {"tasks": cmd_tasks, "methods": cmd_methods, "train": cmd_train, "bench": cmd_bench,
+                   "report": cmd_report}
+        if args.command in builtin:
+            return builtin[args.command](args)
+        return importlib.import_module(COMMANDS[args.command]).run(args)
     except ConfigError as e:
         print(f"haet: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -119,18 +131,15 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import PLANNED, registry
+    from .methods import registry
 
     reg = registry()
     table = Table(title="haet methods")
-    for col in ("method", "what it does", "paper", "status"):
+    for col in ("method", "what it does", "paper", "owns"):
         table.add_column(col)
-    table.add_row("baseline", "no method (bench --methods only)", "–", "available")
+    table.add_row("baseline", "no method (bench --methods only)", "–", "–")
     for name, cls in reg.items():
-        table.add_row(name, cls.summary, cls.paper, "available")
-    for name, what in PLANNED.items():
-        if name not in reg:
-            table.add_row(name, what, "see PAPERS", "[dim]not implemented yet[/dim]")
+        table.add_row(name, cls.summary, cls.paper, ", ".join(sorted(cls.owns)) or "–")
     out.print(table)
     return EXIT_OK
 

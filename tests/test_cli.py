@@ -24,9 +24,7 @@ def run(argv, capsys):
 @pytest.fixture
 def with_clip(monkeypatch):
     """Register the README's worked example method as `clip` for this test."""
-    reg = dict(methods_pkg.registry())
-    reg["clip"] = GradientClipping
-    monkeypatch.setattr(methods_pkg, "_REGISTRY", reg)
+    monkeypatch.setitem(methods_pkg._USER, "clip", GradientClipping)
 
 
 def test_tasks_and_methods_listings(capsys):
@@ -149,9 +147,7 @@ def test_ctrl_c_stops_the_bench_and_reports_what_ran(tmp_path, capsys, monkeypat
         def after_step(self, state):
             raise KeyboardInterrupt
 
-    reg = dict(methods_pkg.registry())
-    reg["interrupt"] = Interrupt
-    monkeypatch.setattr(methods_pkg, "_REGISTRY", reg)
+    monkeypatch.setitem(methods_pkg._USER, "interrupt", Interrupt)
     out = tmp_path / "b"
     code, _, err = run(["bench", "--task", "digits", "--methods", "baseline,interrupt",
                         "--epochs", "1", "--seeds", "2", "--out", str(out)], capsys)

@@ -38,19 +38,20 @@ class Budget:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-    def exhausted(self, *, train_s: float, energy_j: float, steps: int, flops: float,
-                  peak_mem_mb: float | None) -> str | None:
-        """The kind of the first exhausted limit ("time", "energy", ...) or None."""
-        if self.steps is not None and steps >= self.steps:
-            return "steps"
-        if self.time_s is not None and train_s >= self.time_s:
-            return "time"
-        if self.energy_j is not None and energy_j >= self.energy_j:
-            return "energy"
-        if self.flops is not None and flops >= self.flops:
-            return "flops"
-        if self.peak_mem_mb is not None and peak_mem_mb is not None and peak_mem_mb >= self.peak_mem_mb:
-            return "mem"
+    def needs(self) -> set[str]:
+        """The reading keys (meters' `readings()` plus ``steps``) this budget checks."""
+        return {_LIMITS[f.name][0] for f in fields(self) if getattr(self, f.name) is not None}
+
+    def exhausted(self, readings: dict[str, float | None]) -> str | None:
+        """The kind of the first exhausted limit ("steps", "time", ...) or None, from readings
+        keyed like the meters' (``train_s``, ``energy_j``, ``flops``, ``peak_mem_mb``) and ``steps``."""
+        for name, (key, kind) in _LIMITS.items():
+            limit = getattr(self, name)
+            if limit is None:
+                continue
+            value = readings.get(key)
+            if value is not None and value >= limit:
+                return kind
         return None
 
     @classmethod
@@ -68,6 +69,11 @@ class Budget:
                 raise ConfigError(f"budget {key} given twice in {text!r}")
             kwargs[name] = parse(key, raw.strip())
         return cls(**kwargs)
+
+
+#: Budget field -> (reading key, kind in ``stopped_by = "budget:<kind>"``), in the order checked.
+_LIMITS = {"steps": ("steps", "steps"), "time_s": ("train_s", "time"), "energy_j": ("energy_j", "energy"),
+           "flops": ("flops", "flops"), "peak_mem_mb": ("peak_mem_mb", "mem")}
 
 
 def _number_with_unit(units: dict[str, float]):

@@ -23,6 +23,31 @@ from typing import Any, ClassVar
 from .errors import ConfigError
 from .events import Listener
 
+#: What a method can own. Two methods of one run may not own the same capability: the Trainer
+#: refuses the pair at construction, naming both and the capability.
+CAPABILITIES: dict[str, str] = {
+    "backward": "computes the gradients (replaces loss.backward, state.backward_fn)",
+    "optimizer_step": "performs the parameter update (replaces optimizer.step, state.step_fn)",
+    "weight_format": "sets the number format the weights are used in (quantization, binarization)",
+    "weight_sparsity": "decides which weights are zero",
+    "layer_types": "replaces the model's Linear/Conv layers by layers of its own",
+    "model_width": "changes the number of neurons or channels during training",
+    "batch_shape": "changes the shape of the training batches",
+    "data_selection": "chooses which samples each epoch trains on, and their weights",
+}
+
+
+def capability_conflicts(methods: list["Method"]) -> str | None:
+    """A message naming the first two methods that own one capability, or None."""
+    owner: dict[str, str] = {}
+    for m in methods:
+        for cap in sorted(m.owns):
+            if cap in owner:
+                return (f"{owner[cap]} and {m.name} cannot run together: both own {cap!r} "
+                        f"({CAPABILITIES.get(cap, 'declared by the methods')})")
+            owner[cap] = m.name
+    return None
+
 
 class Method(Listener):
     #: Command-line name (the table in DESIGN.md), e.g. "gradmatch".
@@ -33,6 +58,8 @@ class Method(Listener):
     paper: ClassVar[str] = ""
     #: The frozen dataclass of hyperparameters.
     config_class: ClassVar[type | None] = None
+    #: The capabilities this method owns (keys of `CAPABILITIES`); the Trainer refuses two owners of one.
+    owns: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any = None, /, **params: Any) -> None:
         if self.config_class is None:
@@ -54,7 +81,8 @@ class Method(Listener):
 
     # -- composition, results, checkpoints ----------------------------------------------------
     def check_compatible(self, others: list["Method"]) -> None:
-        """Raise ConfigError when this method cannot run together with one of `others`."""
+        """Raise ConfigError when this method cannot run with one of `others` for a reason its
+        capabilities (`owns`) do not express (the Trainer checks those first)."""
 
     def params(self) -> dict:
         """Hyperparameters for the RunRecord."""

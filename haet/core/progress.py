@@ -56,7 +56,7 @@ class TrainProgress:
         if b.steps is not None:
             parts.append(f"steps left {max(0, b.steps - state.step)}")
         if b.energy_j is not None:
-            parts.append(f"energy left {max(0.0, b.energy_j - state.meters['energy'].joules()):.3g}J")
+            parts.append(f"energy left {max(0.0, b.energy_j - state.meters['energy'].readings(state)['energy_j']):.3g}J")
         if b.flops is not None:
-            parts.append(f"FLOPs left {max(0.0, b.flops - state.meters['flops'].total):.3g}")
+            parts.append(f"FLOPs left {max(0.0, b.flops - state.meters['flops'].readings(state)['flops']):.3g}")
         return "  ".join(parts)

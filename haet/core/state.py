@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .clock import PhaseClock
+from .ledger import CostLedger
 
 
 @dataclass(eq=False)
@@ -36,6 +37,9 @@ class State:
     model_version: int = 0
     #: Label of the arithmetic the model runs in (for FLOPs and energy): "float32", "int8", ...
     compute_dtype: str = "float32"
+    #: Computes the gradients from ``loss``; a method that replaces backpropagation sets it
+    #: (called with no argument; the default is ``state.loss.backward()``).
+    backward_fn: Callable[[], Any] | None = None
     #: Performs the optimizer update; a method may replace it (fusion, custom updaters).
     step_fn: Callable[[], Any] | None = None
     #: Zeroes the gradients after the update; a method may replace it.
@@ -43,6 +47,14 @@ class State:
     stop_reason: str | None = None
     rank: int = 0
     world_size: int = 1
+    #: Work done outside the measured step, charged by methods, read by meters (`charge`).
+    ledger: CostLedger = field(default_factory=CostLedger)
+
+    def charge(self, *, flops: float = 0.0, dtype: str = "float32", bytes_moved: float = 0.0,
+               what: str = "", phase: str = "methods") -> None:
+        """Charge work a method did outside the measured step (a selection pass, an SVD) to the
+        run's cost; meters read it. `what` names it (``"gradmatch/selection"``)."""
+        self.ledger.charge(flops=flops, dtype=dtype, bytes_moved=bytes_moved, what=what, phase=phase)
 
     def request_stop(self, reason: str) -> None:
         """Ask the Trainer to stop after the current batch; `reason` goes to ``stopped_by``."""

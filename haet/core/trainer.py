@@ -31,7 +31,7 @@ from .budget import Budget
 from .clock import PhaseClock
 from .errors import ConfigError
 from .events import Event
-from .method import Method
+from .method import CAPABILITIES, Method, capability_conflicts
 from .record import RunRecord, hardware_info
 from .state import State
 
@@ -100,10 +100,11 @@ class Trainer:
         if not isinstance(self.budget, Budget):
             raise ConfigError(f"budget must be a haet.Budget, got {type(self.budget).__name__}")
         self.meters = list(default_meters() if meters is None else meters)
-        meter_names = {m.name for m in self.meters}
-        for field, meter in (("energy_j", "energy"), ("flops", "flops"), ("peak_mem_mb", "memory")):
-            if getattr(self.budget, field) is not None and meter not in meter_names:
-                raise ConfigError(f"a budget on {field} needs the {meter} meter")
+        provided = {"steps"}.union(*(m.provides for m in self.meters))
+        missing = sorted(self.budget.needs() - provided)
+        if missing:
+            raise ConfigError(f"the budget reads {', '.join(missing)}, which no meter of this run provides "
+                              f"(meters: {', '.join(m.name for m in self.meters) or 'none'})")
 
         device = resolve_device(device)
         self.rank, self.world_size = distributed.init(device)
@@ -210,7 +211,7 @@ class Trainer:
             if not math.isfinite(loss_value):
                 state.request_stop("nonfinite_loss")  # before backward: the weights stay finite
             else:
-                state.loss.backward()
+                (state.backward_fn or state.loss.backward)()
                 clock.lap("backward")
                 fire(Event.AFTER_BACKWARD)
                 (state.step_fn or state.optimizer.step)()
@@ -266,14 +267,14 @@ class Trainer:
         budget, state = self.budget, self.state
         if budget.is_empty():
             return None
-        meters = state.meters
-        energy = meters["energy"].joules if budget.energy_j is not None else (lambda: 0.0)
-        memory = meters["memory"].current_peak_mb if budget.peak_mem_mb is not None else (lambda: None)
+        needs = budget.needs()
+        readers = [m for m in self.meters if needs.intersection(m.provides)]
 
         def check() -> None:
-            flops = meters["flops"].total if budget.flops is not None else 0.0
-            kind = budget.exhausted(train_s=state.clock.train_s, energy_j=energy(), steps=state.step,
-                                    flops=flops, peak_mem_mb=memory())
+            readings: dict = {"steps": state.step}
+            for meter in readers:
+                readings.update(meter.readings(state))
+            kind = budget.exhausted(readings)
             if kind is not None:
                 state.request_stop(f"budget:{kind}")
 
@@ -436,6 +437,14 @@ def _check_methods(methods: list) -> None:
         if m.name in names:
             raise ConfigError(f"method {m.name!r} is given twice")
         names.add(m.name)
+    for m in methods:
+        unknown = set(m.owns) - set(CAPABILITIES)
+        if unknown:
+            raise ConfigError(f"method {m.name!r} owns unknown capabilities {sorted(unknown)}; "
+                              f"known: {', '.join(CAPABILITIES)}")
+    clash = capability_conflicts(methods)
+    if clash:
+        raise ConfigError(clash)
     for m in methods:
         m.check_compatible([o for o in methods if o is not m])
 

@@ -12,6 +12,12 @@ class Meter(Listener):
 
     #: Key in ``state.meters``.
     name: str = ""
+    #: The keys `readings` returns (what budgets and the progress bar can read from this meter).
+    provides: tuple[str, ...] = ()
+
+    def readings(self, state) -> dict[str, float]:
+        """The meter's running totals now, for budgets and the progress bar (keys: `provides`)."""
+        return {}
 
     def report(self, state) -> dict:
         """Fields for ``record.cost``."""

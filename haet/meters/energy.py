@@ -26,6 +26,7 @@ from .hardware import HardwareTable
 
 class EnergyMeter(Meter):
     name = "energy"
+    provides = ("energy_j",)
 
     def __init__(self, table: HardwareTable | None = None, source: str = "auto") -> None:
         if source not in ("auto", "nvml", "rapl", "model"):
@@ -77,8 +78,8 @@ class EnergyMeter(Meter):
     def model_joules(self, state=None) -> dict:
         """The modelled training energy so far, split into compute and memory (joules)."""
         state = state or self._state
-        flops = state.meters["flops"].by_dtype
-        moved = state.meters["memory"].bytes_moved
+        flops = state.meters["flops"].total_by_dtype(state)
+        moved = state.meters["memory"].total_bytes_moved(state)
         compute = sum(n * self.table.pj_per_flop(dtype) for dtype, n in flops.items()) * 1e-12
         memory = moved * self.table.dram_pj_per_byte * 1e-12
         return {"compute": compute, "memory": memory}
@@ -89,6 +90,9 @@ class EnergyMeter(Meter):
             return sum(self.model_joules(state).values())
         running = self._counter() - self._segment_start if self._segment_start is not None else 0.0
         return self._measured_j + running
+
+    def readings(self, state) -> dict[str, float]:
+        return {"energy_j": self.joules(state)}
 
     def report(self, state) -> dict:
         out = {"energy_j": self.joules(state), "energy_source": self.source}

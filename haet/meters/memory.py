@@ -41,6 +41,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 class MemoryMeter(Meter):
     name = "memory"
+    provides = ("peak_mem_mb",)
 
     def __init__(self) -> None:
         self.breakdown = {"params": 0, "grads": 0, "optimizer": 0, "activations": 0}
@@ -59,6 +60,9 @@ class MemoryMeter(Meter):
         if self._cuda:
             return torch.cuda.max_memory_allocated() / 2**20
         return max(self.peak_mb, _process_peak_mb())
+
+    def readings(self, state) -> dict[str, float]:
+        return {"peak_mem_mb": self.current_peak_mb()}
 
     def fit_start(self, state) -> None:
         self._cuda = state.device.type == "cuda"
@@ -120,7 +124,11 @@ class MemoryMeter(Meter):
 
     def report(self, state) -> dict:
         return {"peak_mem_mb": self.peak_mb or self.current_peak_mb(), "memory_bytes": dict(self.breakdown),
-                "bytes_moved": self.bytes_moved}
+                "bytes_moved": self.total_bytes_moved(state)}
+
+    def total_bytes_moved(self, state) -> float:
+        """Bytes moved by the measured steps plus what methods charged to the ledger."""
+        return self.bytes_moved + state.ledger.bytes_moved
 
     def state_dict(self) -> dict:
         return {"breakdown": dict(self.breakdown), "bytes_moved": self.bytes_moved,

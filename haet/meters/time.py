@@ -13,6 +13,7 @@ from .base import Meter
 
 class TimeMeter(Meter):
     name = "time"
+    provides = ("train_s",)
 
     def __init__(self) -> None:
         self._start = 0.0
@@ -24,6 +25,9 @@ class TimeMeter(Meter):
 
     def fit_end(self, state) -> None:
         self.wall_s = self._wall_before + time.perf_counter() - self._start
+
+    def readings(self, state) -> dict[str, float]:
+        return {"train_s": state.clock.train_s}
 
     def report(self, state) -> dict:
         clock = state.clock

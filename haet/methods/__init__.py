@@ -13,34 +13,41 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from importlib.metadata import entry_points
 
 from ..core.config import parse_params
 from ..core.errors import ConfigError
 from ..core.method import Method
 
-#: The command-line names of DESIGN.md, in its order, with the paper each comes from.
-PLANNED: dict[str, str] = {
-    "gradmatch": "GRAD-MATCH subset selection (Killamsetty et al.)",
-    "random_subset": "adaptive random subset (GRAD-MATCH's baseline)",
-    "downsample": "input and kernel downsampling",
-    "fusion": "optimizer fusion, backward or forward",
-    "sc_sgd": "momentum SGD on dynamic stochastic computing",
-    "qat": "fully quantized fixed-point training",
-    "binary_penalty": "exact-penalty binary training",
-    "binary_connect": "straight-through binary baseline (BinaryConnect)",
-    "gsp": "grouped sparse projection",
-    "mbst": "memory-bounded sparse training",
-    "gradmax": "GradMax network growth",
-    "tensor_train": "rank-adaptive low-precision tensor-train layers",
-}
+#: The order `haet methods` lists haet's own methods in (DESIGN.md's table); others follow by name.
+ORDER = ("gradmatch", "random_subset", "downsample", "fusion", "sc_sgd", "qat", "binary_penalty", "binary_connect",
+         "gsp", "mbst", "gradmax", "tensor_train")
 
-_REGISTRY: dict[str, type[Method]] | None = None
+_BUILTIN: dict[str, type[Method]] | None = None
+_USER: dict[str, type[Method]] = {}
+ENTRY_POINT_GROUP = "haet.methods"
 
 
-def registry() -> dict[str, type[Method]]:
-    """name -> Method subclass, for every method that exists, in DESIGN.md's order."""
-    global _REGISTRY
-    if _REGISTRY is None:
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make a user's `Method` subclass available by its ``name`` to ``haet train --method``,
+    ``haet bench --methods`` and ``haet methods``, without editing haet. Usable as a decorator.
+    Packages can also declare it as an entry point in the ``haet.methods`` group."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"register_method expects a haet.Method subclass, got {cls!r}")
+    if not cls.name or not cls.name.replace("_", "").isalnum() or not cls.name[0].isalpha():
+        raise ConfigError(f"a method's name must be letters, digits and _, starting with a letter; got {cls.name!r}")
+    if cls.name == "baseline":
+        raise ConfigError("'baseline' is reserved (it means no method)")
+    current = registry().get(cls.name)
+    if current is not None and current is not cls:
+        raise ConfigError(f"a method named {cls.name!r} is already registered ({current.__module__}.{current.__name__})")
+    _USER[cls.name] = cls
+    return cls
+
+
+def _builtin() -> dict[str, type[Method]]:
+    global _BUILTIN
+    if _BUILTIN is None:
         found: dict[str, type[Method]] = {}
         for info in pkgutil.iter_modules(__path__):
             if info.name.startswith("_"):
@@ -51,9 +58,19 @@ def registry() -> dict[str, type[Method]]:
                     if obj.name in found and found[obj.name] is not obj:
                         raise RuntimeError(f"two methods are named {obj.name!r}")
                     found[obj.name] = obj
-        order = list(PLANNED) + sorted(set(found) - set(PLANNED))
-        _REGISTRY = {name: found[name] for name in order if name in found}
-    return _REGISTRY
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, Method) and obj.name and obj.name not in found:
+                found[obj.name] = obj
+        order = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
+        _BUILTIN = {name: found[name] for name in order}
+    return _BUILTIN
+
+
+def registry() -> dict[str, type[Method]]:
+    """name -> Method subclass: haet's methods, those of installed packages' entry points, and
+    those registered with `register_method`."""
+    return {**_builtin(), **_USER}
 
 
 def get_method_class(name: str) -> type[Method]:
@@ -63,8 +80,6 @@ def get_method_class(name: str) -> type[Method]:
     available = ", ".join(reg) or "(none yet)"
     if name == "baseline":
         raise ConfigError("'baseline' means no method: use it in bench --methods; for train, omit --method")
-    if name in PLANNED:
-        raise ConfigError(f"method {name!r} ({PLANNED[name]}) is not implemented yet; available: {available}")
     raise ConfigError(f"unknown method {name!r}; choose one of: {available}")
 
 

@@ -250,4 +250,9 @@ def quantize_module(module: nn.Module, bits_w: int, bits_a: int, scheme: str, pe
         q.input_q = ActQuant(bits_a, scheme, momentum).to(device)
     if cls is QMatMul:
         q.other_q = ActQuant(bits_a, scheme, momentum).to(device)
+    # The arithmetic this layer's matmuls run in, read by the FLOPs meter per layer and phase: the
+    # forward multiplies two quantized operands (the wider sets the width); the backward multiplies
+    # float gradients (gradients are not quantized), so it is float32.
+    width = bits_a if cls is QMatMul else max(bits_w, bits_a)
+    q.flop_dtype = {"forward": f"int{width}", "backward": "float32"}
     return q

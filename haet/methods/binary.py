@@ -47,10 +47,6 @@ from ..core.method import Method
 from ..core.surgery import replace_modules
 from ._binary_ops import WEIGHT_LAYERS, add_penalty_grad_, binarize_, count_binary, to_binary_connect
 
-#: Methods that also set the weights' values or number format.
-CONFLICTS = ("qat", "binary_penalty", "binary_connect", "gsp", "mbst", "tensor_train")
-
-
 @dataclass(frozen=True)
 class ExactPenaltyConfig:
     rho: float = 1e-3        # penalty weight ρ, in gradient units (mnist5k-cnn's weight gradients are ~1e-3..1e-1)
@@ -121,6 +117,7 @@ class ExactPenaltyBinary(Method):
     summary = "exact penalty drives weights to ±scale per layer, exactly binary in finitely many steps"
     paper = "Dockhorn, Yu, Partovi Nia, Sari: An exact penalty method for binary training (HAET @ ICLR 2021)"
     config_class = ExactPenaltyConfig
+    owns = frozenset({"weight_format", "weight_sparsity"})
 
     def __init__(self, config: ExactPenaltyConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
@@ -131,9 +128,6 @@ class ExactPenaltyBinary(Method):
         self.fraction = 0.0
         self.snapped: float | None = None
         self._latent: list[torch.Tensor] | None = None
-
-    def check_compatible(self, others: list[Method]) -> None:
-        _check_conflicts(self, others)
 
     def fit_start(self, state) -> None:
         layers = binary_layers(state.unwrapped_model, self.config.binarize_first_last)
@@ -203,13 +197,11 @@ class BinaryConnect(Method):
     summary = "BinaryConnect: forward with ±scale weights, straight-through gradient to clipped latent weights"
     paper = "Courbariaux, Bengio, David: BinaryConnect: training deep neural networks with binary weights (NeurIPS 2015)"
     config_class = BinaryConnectConfig
+    owns = frozenset({"weight_format", "weight_sparsity", "layer_types"})
 
     def __init__(self, config: BinaryConnectConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
         self.layers: list[nn.Module] = []
-
-    def check_compatible(self, others: list[Method]) -> None:
-        _check_conflicts(self, others)
 
     def fit_start(self, state) -> None:
         model = state.unwrapped_model
@@ -233,8 +225,3 @@ class BinaryConnect(Method):
                 "binary_connect/fraction_latent_saturated": self._saturated() if self.layers else 0.0,
                 "binary_connect/layers": len(self.layers)}
 
-
-def _check_conflicts(method: Method, others: list[Method]) -> None:
-    clash = [o.name for o in others if o.name in CONFLICTS]
-    if clash:
-        raise ConfigError(f"{method.name} cannot run with {clash[0]}: both set the weights' values or format")

@@ -109,6 +109,7 @@ class Downsample(Method):
     summary = "every few batches: inputs downsampled, conv kernels pooled; gradients reach the full weights"
     paper = "Poulos, Nouri, Moshovos, Training CNNs faster with dynamic input and kernel downsampling (HAET 2021)"
     config_class = DownsampleConfig
+    owns = frozenset({"batch_shape", "layer_types"})
 
     def __init__(self, config: DownsampleConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)

@@ -193,8 +193,7 @@ class OptimizerFusion(Method):
     paper = ("Jiang, Gu, Liu, Zhu, Pan: Optimizer Fusion: Efficient Training with Better Locality and "
              "Parallelism (HAET workshop, ICLR 2021)")
     config_class = FusionConfig
-    #: Protocol shared with other methods that take over the optimizer's update: two of them cannot compose.
-    replaces_optimizer_step = True
+    owns = frozenset({"optimizer_step"})
 
     def __init__(self, config: FusionConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
@@ -205,8 +204,6 @@ class OptimizerFusion(Method):
     def check_compatible(self, others: list[Method]) -> None:
         mode = self.config.mode
         for other in others:
-            if getattr(other, "replaces_optimizer_step", False):
-                raise ConfigError(f"fusion and {other.name} both replace the optimizer's update; use one of them")
             if mode == "backward" and _handles(other, "after_backward"):
                 raise ConfigError(f"fusion:mode=backward updates each parameter inside backward, so gradients are "
                                   f"gone when {other.name} works on them at after_backward; use fusion:mode=forward")

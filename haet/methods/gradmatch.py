@@ -192,6 +192,7 @@ class GradMatch(_SubsetMethod):
     paper = ("Killamsetty et al., GRAD-MATCH: Gradient Matching based Data Subset Selection for "
              "Efficient Deep Model Training, ICML 2021")
     config_class = GradMatchConfig
+    owns = frozenset({"data_selection"})
 
     def __init__(self, config: GradMatchConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
@@ -213,8 +214,7 @@ class GradMatch(_SubsetMethod):
         self.match_error = info["match_error"]
         for dtype, flops in info["flops_by_dtype"].items():
             self.selection_flops += flops
-            if "flops" in state.meters:
-                state.meters["flops"].add(flops, dtype)
+            state.charge(flops=flops, dtype=dtype, what="gradmatch/selection")
         return idx, w
 
     def epoch_metrics(self) -> dict:
@@ -236,6 +236,7 @@ class RandomSubset(_SubsetMethod):
     summary = "train on a fresh uniform random subset, redrawn every select_every epochs"
     paper = "GRAD-MATCH's random-online baseline (Killamsetty et al., ICML 2021)"
     config_class = RandomSubsetConfig
+    owns = frozenset({"data_selection"})
 
     def _select(self, state) -> tuple[torch.Tensor, None]:
         gen = torch.Generator().manual_seed(state.seed * 1009 + state.epoch + 7919)

@@ -111,6 +111,7 @@ class GradMaxGrowth(Method):
     paper = ("Evci, van Merriënboer, Unterthiner, Vladymyrov, Pedregosa, GradMax: Growing Neural Networks "
              "using Gradient Information (ICLR 2022; HAET 2021 workshop)")
     config_class = GradMaxConfig
+    owns = frozenset({"model_width", "layer_types"})
 
     def __init__(self, config: GradMaxConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
@@ -153,8 +154,7 @@ class GradMaxGrowth(Method):
                             optimizer=state.optimizer, scale=c.scale, state=state)
                 self.widths[name] = info["width"]
                 self.growth_flops += info["flops"]
-                if "flops" in state.meters and info["flops"]:
-                    state.meters["flops"].add(info["flops"])
+                state.charge(flops=info["flops"], what="gradmax/growth")
         self.events += 1
 
     def epoch_metrics(self) -> dict:

@@ -135,6 +135,7 @@ class GroupedSparseProjection(Method):
     paper = ("Ohib, Gillis, Shah, Potluru, Plis: Grouped Sparse Projection for Deep Learning (HAET @ ICLR 2021; "
              "extended in TMLR 2022)")
     config_class = GSPConfig
+    owns = frozenset({"weight_sparsity"})
 
     def __init__(self, config: GSPConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
@@ -143,10 +144,6 @@ class GroupedSparseProjection(Method):
         self.masks: list[torch.Tensor] = []   # oneshot: the frozen nonzero pattern of each layer
         self._report: dict[str, dict[str, float]] = {}
         self._overall: dict[str, float | None] = {}
-
-    def check_compatible(self, others: list[Method]) -> None:
-        if any(o.name == "mbst" for o in others):
-            raise ConfigError("gsp cannot run with mbst: both decide which weights are zero")
 
     def fit_start(self, state) -> None:
         if not sparse_layers(state.unwrapped_model):
@@ -207,11 +204,11 @@ class GroupedSparseProjection(Method):
         info = project_model_(state.unwrapped_model, c.target, c.group, mu0=self.mu or None)
         self.mu = info["mu"]      # the weights move little between steps: warm-start the next solve
         self.projections += 1
-        if "flops" in state.meters:   # the solve runs in the weights' dtype (at least float32)
-            n = sum(m.weight.numel() for _, m in layers)
-            dtype = torch.promote_types(layers[0][1].weight.dtype, torch.float32)
-            flops = (_FLOPS_PER_EVALUATION * info["evaluations"] + _FLOPS_TO_APPLY) * n
-            state.meters["flops"].add(flops, str(dtype).removeprefix("torch."))
+        # The solve runs in the weights' dtype (at least float32).
+        n = sum(m.weight.numel() for _, m in layers)
+        dtype = torch.promote_types(layers[0][1].weight.dtype, torch.float32)
+        flops = (_FLOPS_PER_EVALUATION * info["evaluations"] + _FLOPS_TO_APPLY) * n
+        state.charge(flops=flops, dtype=str(dtype).removeprefix("torch."), what="gsp/projection")
 
 
 _FLOPS_PER_EVALUATION = 8   # per weight and evaluation of g: subtract, clamp, square, compare, 3 sums

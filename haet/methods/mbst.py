@@ -205,6 +205,7 @@ class MemoryBoundedSparse(Method):
     paper = ("Ma, Li, Yuan, Niu, Ren, Wang, Lin: Memory-Bounded Sparse Training on the Edge (HAET @ ICLR 2021); "
              "regrowth as in Evci et al., Rigging the Lottery (ICML 2020)")
     config_class = MBSTConfig
+    owns = frozenset({"weight_sparsity", "layer_types"})
 
     def __init__(self, config: MBSTConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
@@ -218,6 +219,14 @@ class MemoryBoundedSparse(Method):
         self.update_end_step: int | None = None
         self._grad_bytes = 0
         self._updating = False
+
+    def check_compatible(self, others: list[Method]) -> None:
+        if self.config.lr_compensation:
+            for other in others:
+                if "optimizer_step" in other.owns:
+                    raise ConfigError(f"mbst:lr_compensation=true sets per-layer learning rates in the optimizer's "
+                                      f"groups, which {other.name}'s own update does not read; "
+                                      "use mbst:lr_compensation=false with it")
 
     def fit_start(self, state) -> None:
         c = self.config

@@ -25,13 +25,11 @@ from typing import Callable, Literal
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.config import check_choice, check_range
 from ..core.errors import ConfigError
 from ..core.method import Method
 from ..core.surgery import replace_modules
-from ..meters.base import step_signature
 from ._qat_int import module_bytes, to_integer
 from ._qat_ops import NOT_HANDLED, QUANTIZED, ActQuant, quantize_module
 
@@ -106,34 +104,17 @@ class QuantizationAware(Method):
     paper = ("Bie, Venkitesh, Monteiro, Haidar, Rezagholizadeh: Fully quantizing Transformer-based ASR "
              "for edge deployment (HAET @ ICLR 2021)")
     config_class = QATConfig
+    owns = frozenset({"weight_format", "layer_types"})
 
     def __init__(self, config: QATConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
         self.quantized: list[str] = []
-        self.backward_flops: dict[tuple, float] = {}  # per step signature: FLOPs after the forward
         self.export: dict = {}
 
-    def check_compatible(self, others: list[Method]) -> None:
-        clash = [o.name for o in others if o.name in ("binary_penalty", "binary_connect")]
-        if clash:
-            raise ConfigError(f"qat cannot run with {clash[0]}: both set the weights' number format")
-
     def fit_start(self, state) -> None:
+        # Each quantized layer declares its arithmetic (`flop_dtype`); the FLOPs meter labels the
+        # FLOPs of the layers that actually ran, so nothing is relabelled here.
         self.quantized = apply_qat(state.unwrapped_model, self.config, optimizer=state.optimizer, state=state)
-        state.compute_dtype = self.config.compute_dtype
-
-    def after_step(self, state) -> None:
-        # The FLOPs meter labels the whole step state.compute_dtype; QAT's backward is float32
-        # (gradients are not quantized), so its share is moved back to float32. Total unchanged.
-        flops = state.meters.get("flops")
-        if flops is None:
-            return
-        sig = step_signature(state)
-        if sig not in self.backward_flops:
-            self.backward_flops[sig] = _backward_flops(state)
-        n = self.backward_flops[sig]
-        flops.add(-n, state.compute_dtype)
-        flops.add(n, "float32")
 
     def fit_end(self, state) -> None:
         model = state.unwrapped_model
@@ -148,24 +129,6 @@ class QuantizationAware(Method):
             out.update({f"qat/{k}": v for k, v in self.export.items()})
             out["qat/compression"] = self.export["float_bytes"] / self.export["export_bytes"]
         return out
-
-
-def _backward_flops(state) -> float:
-    """FLOPs of the backward of one step like the current one (counted once per step signature,
-    on the current batch, in evaluation mode so that observers and batch statistics stay put)."""
-    model = state.unwrapped_model
-    x, y, *_ = state.batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            loss = state.loss_fn(model(x), y)
-            forward = counter.get_total_flops()
-            torch.autograd.grad(loss, params, allow_unused=True)
-        return float(counter.get_total_flops() - forward)
-    finally:
-        model.train(was_training)
 
 
 def _float_bytes(model: nn.Module) -> int:

@@ -100,18 +100,12 @@ class StochasticMomentumSGD(Method):
     paper = ("Liu, Gross: Gradient Descent with Momentum using Dynamic Stochastic Computing "
              "(HAET workshop, ICLR 2021)")
     config_class = SCSGDConfig
-    #: Protocol shared with other methods that take over the optimizer's update: two of them cannot compose.
-    replaces_optimizer_step = True
+    owns = frozenset({"optimizer_step"})
 
     def __init__(self, config: SCSGDConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
         self.optimizer: SCMomentumSGD | None = None
         self.hardware = hardware_model(self.config.stream_bits)
-
-    def check_compatible(self, others: list[Method]) -> None:
-        for other in others:
-            if getattr(other, "replaces_optimizer_step", False):
-                raise ConfigError(f"sc_sgd and {other.name} both replace the optimizer's update; use one of them")
 
     def fit_start(self, state) -> None:
         """Replace the run's optimizer (its parameter groups kept, its hyperparameters not) by the circuit."""

@@ -158,6 +158,7 @@ class TensorTrain(Method):
     paper = ("Zhang, Hawkins, Zhang, Hao, Zhang, On-FPGA Training with Ultra Memory Reduction: "
              "A Low-Precision Tensor Method (ICLR 2021 HAET workshop)")
     config_class = TensorTrainConfig
+    owns = frozenset({"weight_format", "layer_types"})
 
     def __init__(self, config: TensorTrainConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)

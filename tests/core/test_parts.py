@@ -37,9 +37,10 @@ def test_budget_parse_errors_name_the_bad_item(text, match):
 def test_budget_exhausted_names_the_first_limit():
     b = Budget(time_s=10, steps=5)
     kw = dict(train_s=1.0, energy_j=0.0, steps=1, flops=0.0, peak_mem_mb=None)
-    assert b.exhausted(**kw) is None
-    assert b.exhausted(**{**kw, "steps": 5}) == "steps"
-    assert b.exhausted(**{**kw, "train_s": 10.0}) == "time"
+    assert b.exhausted(kw) is None
+    assert b.exhausted({**kw, "steps": 5}) == "steps"
+    assert b.exhausted({**kw, "train_s": 10.0}) == "time"
+    assert b.needs() == {"steps", "train_s"}
 
 
 # -- config ------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def test_bad_parameters_and_conflicts_are_clear_errors():
         parse_method("binary_penalty:rho=0")
     with pytest.raises(ConfigError, match=r"rho_growth must be a number in \[1, 100\]"):
         parse_method("binary_penalty:rho_growth=0.5")
-    with pytest.raises(ConfigError, match="binary_penalty cannot run with binary_connect"):
+    with pytest.raises(ConfigError, match="binary_penalty and binary_connect cannot run together"):
         haet.Trainer(tiny_cnn(), [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))],
                      methods=parse_entry("binary_penalty+binary_connect"))
 

@@ -47,7 +47,7 @@ def test_low_resolution_step_flops_equal_the_analytic_count():
     low = 2 * conv_flops(B, 4, 16, 1, 4) + 3 * conv_flops(B, 8, 4, 4, 4) + 3 * 2 * B * 8 * 3
     flops_meter = next(m for m in meters if m.name == "flops")
     per_input_shape = {sig[0][0]: flops for sig, flops in flops_meter.per_step.items()}
-    assert per_input_shape == {(B, 1, 8, 8): full, (B, 1, 4, 4): low}  # the two batch kinds, counted apart
+    assert per_input_shape == {(B, 1, 8, 8): {"float32": full}, (B, 1, 4, 4): {"float32": low}}  # the two batch kinds, counted apart
     assert record.cost["flops"] == full + low
     assert record.method_metrics["downsample/flops_saved"] == full - low
 

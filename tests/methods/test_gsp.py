@@ -152,7 +152,7 @@ def test_bad_parameters_name_the_parameter_and_range():
 
 
 def test_gsp_refuses_to_run_with_mbst(trainer_factory):
-    with pytest.raises(ConfigError, match="gsp cannot run with mbst"):
+    with pytest.raises(ConfigError, match="gsp and mbst cannot run together: both own 'weight_sparsity'"):
         trainer_factory(methods=parse_entry("gsp+mbst"))
 
 

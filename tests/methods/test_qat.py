@@ -203,7 +203,7 @@ def test_bad_parameters_name_the_parameter_and_range():
         parse_method("qat:bits_w=9")
     with pytest.raises(ConfigError, match="scheme must be one of"):
         parse_method("qat:scheme=float")
-    with pytest.raises(ConfigError, match="cannot run with binary_connect"):
+    with pytest.raises(ConfigError, match="qat and binary_connect cannot run together"):
         haet.Trainer(tiny_cnn(), [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))],
                      methods=parse_entry("qat+binary_connect"))
 

@@ -156,5 +156,5 @@ def test_bad_parameters_and_conflicts_are_refused(tiny_data, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "encoding" in err and "lowdiscrepancy" in err
     assert parse_entry("sc_sgd:stream_bits=16,scale=tensor")[0].config == SCSGDConfig(stream_bits=16, scale="tensor")
-    with pytest.raises(haet.ConfigError, match="both replace the optimizer"):
+    with pytest.raises(haet.ConfigError, match="both own 'optimizer_step'"):
         _trainer(tiny_data, [StochasticMomentumSGD(), OptimizerFusion()])
