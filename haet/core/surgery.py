@@ -5,6 +5,11 @@ updating tensors that are no longer in the model. `replace_modules` swaps module
 the optimizer's parameter groups: a new parameter takes the place (and group) of the old one with
 the same name, parameters with no predecessor join the group of their module's old parameters,
 and optimizer state of parameters that were kept is kept.
+
+Layers that stand in for a Linear (a method's sparse, factorized or quantized version) follow one
+protocol so that other methods still find them: they expose integer ``in_features`` and
+``out_features`` and compute ``x Wᵀ + b`` for a dense-equivalent W (`is_linear_like`); a layer that
+wraps another exposes it as ``inner`` (`innermost`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,23 @@ def replace_modules(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     if state is not None:
         state.model_version += 1
     return [name for name, _, _ in targets]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or a layer that stands in for one (see the module docstring)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return all(isinstance(getattr(module, a, None), int) and not isinstance(getattr(module, a), bool)
+               for a in ("in_features", "out_features")) and not hasattr(module, "in_channels")
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The layer a chain of wrappers (each exposing ``inner``) stands for."""
+    seen = set()
+    while isinstance(getattr(module, "inner", None), nn.Module) and id(module) not in seen:
+        seen.add(id(module))
+        module = module.inner
+    return module
 
 
 def sync_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, old_params: dict[int, str]) -> None:

@@ -20,14 +20,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.errors import ConfigError
+from ..core.surgery import is_linear_like
 
 
 # -- last-layer gradient features ------------------------------------------------------------
-def find_last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last ``nn.Linear`` registered in `model` (the layer whose gradients GRAD-MATCH matches)."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+def find_last_linear(model: nn.Module) -> tuple[str, nn.Module]:
+    """The last linear layer registered in `model` (the layer whose gradients GRAD-MATCH matches):
+    an ``nn.Linear`` or a layer standing in for one (sparse, factorized, quantized;
+    `haet.core.surgery.is_linear_like`). Its gradient with respect to its dense-equivalent weight
+    is ``g hᵀ`` whatever its parameterization, so the closed form holds for all of them."""
+    found = [(n, m) for n, m in model.named_modules() if is_linear_like(m)]
     if not found:
-        raise ConfigError(f"gradmatch needs a model that ends in an nn.Linear layer; {type(model).__name__} has none")
+        raise ConfigError(f"gradmatch needs a model that ends in a linear layer; {type(model).__name__} has none")
     return found[-1]
 
 

@@ -146,6 +146,19 @@ class _SparseLayer(nn.Module):
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.positions = 1                            # output positions per sample (for the FLOPs estimate)
 
+    # The linear-layer protocol (haet.core.surgery.is_linear_like): a sparse Linear still reads as one.
+    @property
+    def in_features(self) -> int:
+        if self.conv is not None:
+            raise AttributeError("a sparse convolution has no in_features")
+        return self.shape.in_features
+
+    @property
+    def out_features(self) -> int:
+        if self.conv is not None:
+            raise AttributeError("a sparse convolution has no out_features")
+        return self.shape.out_features
+
     def _call(self, x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         if self.conv is None:
             return F.linear(x, weight, self.bias)

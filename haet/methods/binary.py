@@ -128,13 +128,27 @@ class ExactPenaltyBinary(Method):
         self.fraction = 0.0
         self.snapped: float | None = None
         self._latent: list[torch.Tensor] | None = None
+        self._names: list[str] = []
+        self._version = -1
 
     def fit_start(self, state) -> None:
+        self._bind(state)
+
+    def batch_start(self, state) -> None:
+        if state.model_version != self._version:  # another method replaced layers (growth): follow them
+            self._bind(state)
+
+    def _bind(self, state) -> None:
+        """Hold the model's current weights; a layer seen before keeps its scale α."""
         layers = binary_layers(state.unwrapped_model, self.config.binarize_first_last)
         if not layers:
             raise ConfigError("binary_penalty: the model has no Linear or Conv layer to binarize")
+        old = dict(zip(self._names, self.scales))
+        fresh = layer_scales([m.weight for _, m in layers])
+        self._names = [n for n, _ in layers]
         self.weights = [m.weight for _, m in layers]
-        self.scales = layer_scales(self.weights)
+        self.scales = [old.get(n, s) for n, s in zip(self._names, fresh)]
+        self._version = state.model_version
         project_box(self.weights, self.scales)  # start inside the box
 
     def after_backward(self, state) -> None:
