@@ -60,6 +60,9 @@ class Method(Listener):
     config_class: ClassVar[type | None] = None
     #: The capabilities this method owns (keys of `CAPABILITIES`); the Trainer refuses two owners of one.
     owns: ClassVar[frozenset[str]] = frozenset()
+    #: For an owner of "optimizer_step": whether its update reads the optimizer's per-group
+    #: hyperparameters (lr, weight decay), which other methods may set per layer.
+    reads_group_hyperparameters: ClassVar[bool] = True
 
     def __init__(self, config: Any = None, /, **params: Any) -> None:
         if self.config_class is None:

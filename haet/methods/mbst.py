@@ -223,7 +223,7 @@ class MemoryBoundedSparse(Method):
     def check_compatible(self, others: list[Method]) -> None:
         if self.config.lr_compensation:
             for other in others:
-                if "optimizer_step" in other.owns:
+                if "optimizer_step" in other.owns and not other.reads_group_hyperparameters:
                     raise ConfigError(f"mbst:lr_compensation=true sets per-layer learning rates in the optimizer's "
                                       f"groups, which {other.name}'s own update does not read; "
                                       "use mbst:lr_compensation=false with it")

@@ -101,6 +101,7 @@ class StochasticMomentumSGD(Method):
              "(HAET workshop, ICLR 2021)")
     config_class = SCSGDConfig
     owns = frozenset({"optimizer_step"})
+    reads_group_hyperparameters = False  # one lr and momentum for every weight (the circuit's constants)
 
     def __init__(self, config: SCSGDConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
