@@ -83,6 +83,10 @@ class Method(Listener):
         self.config = config
 
     # -- composition, results, checkpoints ----------------------------------------------------
+    def check_model(self, model) -> None:
+        """Raise ConfigError when this method cannot work on `model` (no eligible layer, a kind of
+        network it does not handle); called by the Trainer at construction, before any step."""
+
     def check_compatible(self, others: list["Method"]) -> None:
         """Raise ConfigError when this method cannot run with one of `others` for a reason its
         capabilities (`owns`) do not express (the Trainer checks those first)."""

@@ -96,6 +96,8 @@ class Trainer:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.methods = list(methods)
         _check_methods(self.methods)
+        for m in self.methods:
+            m.check_model(model)
         self.budget = budget or Budget()
         if not isinstance(self.budget, Budget):
             raise ConfigError(f"budget must be a haet.Budget, got {type(self.budget).__name__}")

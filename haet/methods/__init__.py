@@ -21,7 +21,7 @@ from ..core.method import Method
 
 #: The order `haet methods` lists haet's own methods in (DESIGN.md's table); others follow by name.
 ORDER = ("gradmatch", "random_subset", "downsample", "fusion", "sc_sgd", "qat", "binary_penalty", "binary_connect",
-         "gsp", "mbst", "gradmax", "tensor_train")
+         "gsp", "mbst", "gradmax", "tensor_train", "eqprop")
 
 _BUILTIN: dict[str, type[Method]] | None = None
 _USER: dict[str, type[Method]] = {}

@@ -204,6 +204,9 @@ class OptimizerFusion(Method):
     def check_compatible(self, others: list[Method]) -> None:
         mode = self.config.mode
         for other in others:
+            if "backward" in other.owns:
+                raise ConfigError(f"fusion applies the updates from autograd's backward, which {other.name} "
+                                  "replaces; use one of them")
             if mode == "backward" and _handles(other, "after_backward"):
                 raise ConfigError(f"fusion:mode=backward updates each parameter inside backward, so gradients are "
                                   f"gone when {other.name} works on them at after_backward; use fusion:mode=forward")

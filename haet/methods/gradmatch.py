@@ -194,6 +194,12 @@ class GradMatch(_SubsetMethod):
     config_class = GradMatchConfig
     owns = frozenset({"data_selection"})
 
+    def check_compatible(self, others: list[Method]) -> None:
+        for other in others:
+            if "backward" in other.owns:
+                raise ConfigError(f"gradmatch matches the loss gradients backpropagation computes; with {other.name} "
+                                  "the model trains on other gradients; use one of them")
+
     def __init__(self, config: GradMatchConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
         self.match_error = float("nan")

@@ -92,7 +92,15 @@ MODELS: dict[str, tuple[Callable[[tuple[int, ...], int], nn.Module], str]] = {
     "resnet8": (ResNet8, "small ResNet, 16-32-64 channels, global average pooling"),
     "mnist1d-cnn": (mnist1d_cnn, "1-D CNN for mnist1d signals"),
     "transformer": (transformer, "encoder-decoder Transformer (conv front-end, 2+2 layers, d 64) for mnist1d-seq"),
+    "eqprop-mlp": (lambda shape, classes: _eqprop_mlp(shape, classes),
+                   "energy-based MLP (one hidden layer of 256) trained by equilibrium propagation (--method eqprop)"),
 }
+
+
+def _eqprop_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    from ..eqprop import eqprop_mlp
+
+    return eqprop_mlp(input_shape, num_classes)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
