@@ -1,0 +1,1 @@
+"""Budgeted searches: QS-NAS (`haet.search.qs`), the least-energy bit-width × width scale."""
