@@ -295,17 +295,28 @@ def cmd_bench(args) -> int:
 
 
 def _print_comparison(summaries) -> None:
+    """One table per (task, model): runs of different tasks or models are never averaged together."""
     from .report import QUANTITIES, cell
 
-    table = Table(title="haet bench: mean ± std over seeds (ratio to baseline)")
-    table.add_column("method")
-    table.add_column("runs", justify="right")
-    for _, heading, unit, _ in QUANTITIES:
-        table.add_column(f"{heading} ({unit})" if unit else heading, justify="right")
-    table.add_column("energy source")
-    for s in summaries:
-        table.add_row(s.method, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES), s.energy_source)
-    out.print(table)
+    sections = list(dict.fromkeys((s.task, s.model) for s in summaries))
+    targets = any(s.targets for s in summaries)
+    for task, model in sections:
+        where = f"{task} / {model}: " if task or model else ""
+        table = Table(title=f"haet bench: {where}mean ± std over seeds (ratio to baseline)")
+        table.add_column("method")
+        table.add_column("runs", justify="right")
+        for _, heading, unit, _ in QUANTITIES:
+            table.add_column(f"{heading} ({unit})" if unit else heading, justify="right")
+        if targets:
+            table.add_column("time to target", justify="right")
+        table.add_column("energy source")
+        for s in (s for s in summaries if (s.task, s.model) == (task, model)):
+            mark = f" [yellow]⚠ {s.contended}/{s.runs} contended[/yellow]" if s.contended else ""
+            table.add_row(s.method + mark, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES),
+                          *([s.targets or "–"] if targets else []), s.energy_source)
+        out.print(table)
+    if any(s.contended for s in summaries):
+        err.print("[yellow]haet: some runs were timed on a contended machine (⚠): their times are not reliable")
 
 
 def cmd_report(args) -> int:

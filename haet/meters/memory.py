@@ -41,13 +41,14 @@ def optimizer_state_bytes(optimizer) -> int:
 
 class MemoryMeter(Meter):
     name = "memory"
-    provides = ("peak_mem_mb",)
+    provides = ("peak_mem_mb", "mem_budget_mb")
 
     def __init__(self) -> None:
         self.breakdown = {"params": 0, "grads": 0, "optimizer": 0, "activations": 0}
         self.bytes_moved = 0.0
         self.peak_mb = 0.0
         self._cuda = False
+        self.start_mb = 0.0    # resident size at fit start (CPU); 0 on CUDA (the allocator starts empty)
         self._moved_per_sig: dict[tuple, float] = {}
         self._measuring: tuple | None = None
         self._measure: dict = {}
@@ -61,8 +62,13 @@ class MemoryMeter(Meter):
             return torch.cuda.max_memory_allocated() / 2**20
         return max(self.peak_mb, _process_peak_mb())
 
+    def added_mb(self) -> float:
+        """Peak memory added since fit start: on CPU the peak minus the resident size at fit start."""
+        return max(0.0, self.current_peak_mb() - self.start_mb)
+
     def readings(self, state) -> dict[str, float]:
-        return {"peak_mem_mb": self.current_peak_mb()}
+        peak = self.current_peak_mb()
+        return {"peak_mem_mb": peak, "mem_budget_mb": peak if self._cuda else max(0.0, peak - self.start_mb)}
 
     def fit_start(self, state) -> None:
         self._cuda = state.device.type == "cuda"
@@ -70,6 +76,7 @@ class MemoryMeter(Meter):
             torch.cuda.reset_peak_memory_stats(state.device)
         else:
             _reset_process_peak()
+            self.start_mb = _process_rss_mb() or 0.0
 
     def fit_end(self, state) -> None:
         self.peak_mb = self.current_peak_mb()
@@ -123,7 +130,9 @@ class MemoryMeter(Meter):
         self.bytes_moved += self._moved_per_sig[sig]
 
     def report(self, state) -> dict:
-        return {"peak_mem_mb": self.peak_mb or self.current_peak_mb(), "memory_bytes": dict(self.breakdown),
+        peak = self.peak_mb or self.current_peak_mb()
+        return {"peak_mem_mb": peak, "peak_mem_added_mb": peak if self._cuda else max(0.0, peak - self.start_mb),
+                "mem_start_mb": self.start_mb, "memory_bytes": dict(self.breakdown),
                 "bytes_moved": self.total_bytes_moved(state)}
 
     def total_bytes_moved(self, state) -> float:
@@ -141,6 +150,17 @@ class MemoryMeter(Meter):
 
 
 _HWM = re.compile(rb"VmHWM:\s+(\d+)\s*kB")
+_RSS = re.compile(rb"VmRSS:\s+(\d+)\s*kB")
+
+
+def _process_rss_mb() -> float | None:
+    """The process's resident size now (Linux), or None where /proc is not available."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            m = _RSS.search(f.read())
+        return int(m.group(1)) / 1024 if m else None
+    except OSError:
+        return None
 
 
 def _process_peak_mb() -> float:
