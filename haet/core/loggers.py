@@ -4,9 +4,10 @@ One small interface, `Logger` (``log_metrics(step, metrics)``, ``close()``), tha
 implement for anything else. Two come with haet, in the ``log`` extra (``pip install 'haet[log]'``):
 
 - `TensorBoardLogger`: event files under ``DIR/tensorboard`` (``tensorboard --logdir DIR``);
-- `MLflowLogger`: a run in an MLflow tracking store, by default a local file store under
-  ``DIR/mlruns`` (``mlflow ui --backend-store-uri DIR/mlruns``); nothing is sent anywhere unless a
-  tracking URI is given.
+- `MLflowLogger`: a run in an MLflow tracking store, by default a local SQLite store
+  ``DIR/mlflow.db`` (``mlflow ui --backend-store-uri sqlite:///DIR/mlflow.db``); nothing is sent
+  anywhere unless a tracking URI is given. (MLflow 3 keeps its plain-file store in maintenance
+  mode and refuses it by default; SQLite is its recommended local store.)
 
 The Trainer logs each evaluation line (epoch, step, train loss, evaluated metrics, train seconds)
 at its optimizer step, and the final metrics and costs when the run ends.
@@ -69,16 +70,17 @@ class TensorBoardLogger(Logger):
 
 
 class MLflowLogger(Logger):
-    def __init__(self, tracking_dir: str | Path | None = None, *, tracking_uri: str | None = None,
+    def __init__(self, db_path: str | Path | None = None, *, tracking_uri: str | None = None,
                  experiment: str = "haet", run_name: str | None = None) -> None:
         try:
             import mlflow
         except ImportError:
             raise ConfigError("--log mlflow needs the log extra: pip install 'haet[log]'") from None
         if tracking_uri is None:
-            if tracking_dir is None:
-                raise ConfigError("MLflowLogger needs a tracking_dir (a local file store) or a tracking_uri")
-            tracking_uri = Path(tracking_dir).resolve().as_uri()
+            if db_path is None:
+                raise ConfigError("MLflowLogger needs a db_path (a local SQLite store) or a tracking_uri")
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            tracking_uri = f"sqlite:///{Path(db_path).resolve()}"
         self.mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
@@ -114,5 +116,5 @@ def make_loggers(names, out_dir: str | Path | None, run_name: str | None = None)
         if name == "tensorboard":
             loggers.append(TensorBoardLogger(Path(out_dir) / "tensorboard"))
         else:
-            loggers.append(MLflowLogger(Path(out_dir) / "mlruns", run_name=run_name))
+            loggers.append(MLflowLogger(Path(out_dir) / "mlflow.db", run_name=run_name))
     return loggers

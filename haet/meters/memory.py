@@ -49,7 +49,8 @@ class MemoryMeter(Meter):
         self.peak_mb = 0.0
         self._cuda = False
         self.start_mb = 0.0    # resident size at fit start (CPU); 0 on CUDA (the allocator starts empty)
-        self._moved_per_sig: dict[tuple, float] = {}
+        self._moved_per_sig: dict[tuple, float] = {}   # per optimizer step: the update's traffic
+        self._micro_per_sig: dict[tuple, float] = {}   # per micro-batch: forward and backward traffic
         self._measuring: tuple | None = None
         self._measure: dict = {}
         self._saved: dict[int, int] = {}
@@ -110,8 +111,16 @@ class MemoryMeter(Meter):
             self._measure["activations"] = sum(self._saved.values())
 
     def after_backward(self, state) -> None:
+        sig = self._sig
         if self._measuring is not None:
             self._measure["grads"] = tensor_bytes(p.grad for p in state.model.parameters())
+        if sig not in self._micro_per_sig:
+            params = list(state.model.parameters())
+            m = self._measure
+            self._micro_per_sig[sig] = (2 * tensor_bytes(params) + 2 * m.get("activations", 0)
+                                        + 2 * tensor_bytes(p for p in params if p.requires_grad) + m.get("input", 0))
+        # Counted per micro-batch: with gradient accumulation an optimizer step is several of them.
+        self.bytes_moved += self._micro_per_sig[sig]
 
     def after_step(self, state) -> None:
         sig = self._sig
@@ -124,10 +133,9 @@ class MemoryMeter(Meter):
             for key, value in (("params", p_bytes), ("grads", m.get("grads", 0)), ("optimizer", s_bytes),
                                ("activations", m.get("activations", 0))):
                 self.breakdown[key] = max(self.breakdown[key], value)
-            self._moved_per_sig[sig] = (4 * p_bytes + 2 * m.get("activations", 0) + 2 * g_bytes
-                                        + 2 * s_bytes + m["input"])
+            self._moved_per_sig[sig] = 2 * p_bytes + 2 * s_bytes  # the update reads and writes both
             self._measuring = None
-        self.bytes_moved += self._moved_per_sig[sig]
+        self.bytes_moved += self._moved_per_sig.get(sig, 0.0)
 
     def report(self, state) -> dict:
         peak = self.peak_mb or self.current_peak_mb()
