@@ -168,7 +168,7 @@ def _cosine(c: CosineConfig):
         def factor(i, base_lr):
             if i < c.warmup_steps:
                 return (i + 1) / c.warmup_steps
-            t = min(1.0, (i - c.warmup_steps) / max(1, total - c.warmup_steps))
+            t = min(1.0, (i - c.warmup_steps) / max(1, total - 1 - c.warmup_steps))  # the last step at min_lr
             floor = c.min_lr / base_lr if base_lr else 0.0
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 

@@ -370,7 +370,8 @@ class Trainer:
             if total is not None and self.budget.steps is not None:
                 total = min(total, int(self.budget.steps))
         self._scheduler = self.schedule.create(self.state.optimizer, total)
-        self._scheduler_steps = total
+        # The learning rate of step k is the schedule's value k: after the last step there is no next one.
+        self._scheduler_steps = total - 1 if total and self.schedule.interval == "step" else None
         done = self.state.step if self.schedule.interval == "step" else first_epoch - 1
         for _ in range(done):  # a resumed run continues the schedule where it stopped
             self._step_schedule()
