@@ -35,7 +35,7 @@ _METHOD_PREFIX = "__method__"
 
 def save_model(directory: str | Path, model: nn.Module, methods=(), *, task: str | None = None,
                model_name: str | None = None, input_shape=None, num_classes: int | None = None,
-               seed: int = 0, label: str = "") -> Path:
+               seed: int = 0, label: str = "", optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into `directory`; returns the weights' path."""
     from safetensors.torch import save_file
 
@@ -52,7 +52,7 @@ def save_model(directory: str | Path, model: nn.Module, methods=(), *, task: str
     _dedupe_storage(tensors)
     meta = {"format": FORMAT, "version": VERSION, "task": task, "model": model_name,
             "input_shape": list(input_shape) if input_shape is not None else None, "num_classes": num_classes,
-            "seed": seed, "label": label, "methods": saved_methods}
+            "seed": seed, "label": label, "methods": saved_methods, "optimizer": _optimizer_spec(optimizer)}
     weights = directory / WEIGHTS
     save_file(tensors, str(weights))
     (directory / META).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
@@ -89,10 +89,11 @@ def load_model(directory: str | Path, model: nn.Module | None = None, *, device:
     meta = read_meta(directory)
     task = TASKS.get(meta["task"]) if meta["task"] else None
     input_shape = tuple(meta["input_shape"] or (task.input_shape if task else ()))
+    num_classes = meta["num_classes"] if meta["num_classes"] is not None else (task.num_classes if task else None)
     if model is None:
-        if meta["model"] is None or meta["num_classes"] is None or not input_shape:
+        if meta["model"] is None or num_classes is None or not input_shape:
             raise ConfigError(f"{directory}: the saved model is not one of haet's models; pass model=<a fresh instance>")
-        model = build_model(meta["model"], input_shape, meta["num_classes"])
+        model = build_model(meta["model"], input_shape, num_classes)
     try:
         tensors = load_file(str(directory / WEIGHTS))
     except (OSError, SafetensorError) as err:
@@ -116,7 +117,9 @@ def _transform(model: nn.Module, methods: list, meta: dict, input_shape: tuple, 
     from .state import State
 
     example = TensorData(torch.zeros(2, *input_shape), torch.zeros(2, dtype=torch.long))
-    state = State(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+    # Some transforms size themselves by the optimizer (a memory bound that counts its state): the
+    # same kind of optimizer as in training, never updated here.
+    state = State(model=model, optimizer=_optimizer_like(meta.get("optimizer"), model),
                   loss_fn=nn.functional.cross_entropy, device=torch.device("cpu"), seed=meta["seed"],
                   clock=PhaseClock("cpu"), train_data=example, epochs=1, epoch=1)
     for method in methods:
@@ -125,6 +128,29 @@ def _transform(model: nn.Module, methods: list, meta: dict, input_shape: tuple, 
             fit_start(state)
     for method, saved in zip(methods, meta["methods"]):
         method.load_state_dict(_decode(saved["state"], tensors))
+
+
+#: Optimizers a saved model may name (torch.optim classes, rebuilt with plain-number settings).
+OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
+
+
+def _optimizer_spec(optimizer) -> dict | None:
+    if optimizer is None or type(optimizer).__name__ not in OPTIMIZER_NAMES:
+        return None
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in optimizer.defaults.items()
+                if isinstance(v, (bool, int, float)) or (isinstance(v, tuple) and all(isinstance(i, float) for i in v))}
+    return {"name": type(optimizer).__name__, "defaults": _jsonable(defaults)}
+
+
+def _optimizer_like(spec: dict | None, model: nn.Module) -> torch.optim.Optimizer:
+    if spec is not None:
+        cls = getattr(torch.optim, spec["name"])
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["defaults"].items()}
+        try:
+            return cls(model.parameters(), **kwargs)
+        except (TypeError, ValueError):
+            pass
+    return torch.optim.SGD(model.parameters(), lr=0.0)
 
 
 def _build_method(cls, params: dict):
@@ -214,6 +240,11 @@ def _validate(meta: Any, path: Path) -> None:
         v = meta.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             bad(f"{key} must be a non-negative integer")
+    opt = meta.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and set(opt) == {"name", "defaults"}
+                                and opt["name"] in OPTIMIZER_NAMES and isinstance(opt["defaults"], dict)
+                                and all(isinstance(k, str) and _plain(v, depth=1) for k, v in opt["defaults"].items())):
+        bad(f"optimizer must be {{name, defaults}} with name one of {', '.join(OPTIMIZER_NAMES)}")
     methods = meta.get("methods")
     if not isinstance(methods, list) or len(methods) > 32:
         bad("methods must be a list")
@@ -221,7 +252,8 @@ def _validate(meta: Any, path: Path) -> None:
         if not isinstance(m, dict) or set(m) != {"name", "params", "state"} or not isinstance(m["name"], str) \
                 or not isinstance(m["params"], dict):
             bad("each method must be {name, params, state}")
-        if not all(_plain(v, depth=2) for v in m["params"].values()):
+        if not all(_plain(v, depth=1) and not isinstance(v, dict) and not (
+                isinstance(v, list) and any(isinstance(i, (list, dict)) for i in v)) for v in m["params"].values()):
             bad(f"parameters of {m['name']!r} must be numbers, strings, booleans or lists of them")
         if not _plain(m["state"], depth=12):
             bad(f"state of {m['name']!r} must be plain data")
