@@ -31,7 +31,7 @@ def test_reloaded_model_predicts_the_same(tmp_path, digits, entry, model_name):
     haet.seed_everything(0)
     model = build_model(model_name, (1, 8, 8), 10)
     trainer = haet.Trainer(model, train, test, methods=parse_entry(entry), progress=False, batch_size=64,
-                           budget=Budget(steps=30), out_dir=tmp_path, save_model=True, task="digits",
+                           budget=Budget(steps=12), out_dir=tmp_path, save_model=True, task="digits",
                            model_name=model_name, label=entry)
     trainer.fit(epochs=2)
     trained = trainer.state.model.eval()
