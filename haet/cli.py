@@ -136,15 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add these runs to the bench in --out (another task or model gets its own report section)")
     b.add_argument("--quiet", action="store_true", help="print only the paths written")
 
+    r = sub.add_parser("report", help="rebuild results.csv, report.md, pareto.png from records")
+    r.add_argument("dirs", nargs="+", help="directories searched for record.json")
+    r.add_argument("--out", help="where to write (default: the first directory)")
+
     e = sub.add_parser("eval", help="evaluate a saved model (train --save-model) on a task's test split")
     e.add_argument("dir", help="a run directory holding model.safetensors and model.json")
     e.add_argument("--task", help="the task to evaluate on (default: the one it was trained on)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--data-dir", help="directory of a task's files (cifar10)")
-
-    r = sub.add_parser("report", help="rebuild results.csv, report.md, pareto.png from records")
-    r.add_argument("dirs", nargs="+", help="directories searched for record.json")
-    r.add_argument("--out", help="where to write (default: the first directory)")
 
     for name, module in COMMANDS.items():
         mod = importlib.import_module(module)
@@ -446,10 +446,13 @@ def _print_comparison(summaries) -> None:
         if targets:
             table.add_column("time to target", justify="right")
         table.add_column("energy source")
+        contended = any(s.contended for s in summaries)
+        if contended:
+            table.add_column("timing")
         for s in (s for s in summaries if (s.task, s.model) == (task, model)):
-            mark = f" [yellow]⚠ {s.contended}/{s.runs} contended[/yellow]" if s.contended else ""
-            table.add_row(s.method + mark, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES),
-                          *([s.targets or "–"] if targets else []), s.energy_source)
+            mark = [f"[yellow]⚠ {s.contended}/{s.runs} contended[/yellow]" if s.contended else "ok"] if contended else []
+            table.add_row(s.method, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES),
+                          *([s.targets or "–"] if targets else []), s.energy_source, *mark)
         out.print(table)
     if any(s.contended for s in summaries):
         err.print("[yellow]haet: some runs were timed on a contended machine (⚠): their times are not reliable")

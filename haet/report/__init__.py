@@ -176,12 +176,15 @@ def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot
         if len(sections) > 1:
             lines += [f"## {task} / {model}", ""]
         lines += ["| method | runs | " + " | ".join(f"{h} ({u})" if u else h for _, h, u, _ in QUANTITIES)
-                  + (" | time to target |" if targets else " |") + " energy source | stopped by |",
-                  "|---|---|" + "---|" * len(QUANTITIES) + ("---|" if targets else "") + "---|---|"]
+                  + (" | time to target |" if targets else " |") + " energy source | stopped by |"
+                  + (" timing |" if contended else ""),
+                  "|---|---|" + "---|" * len(QUANTITIES) + ("---|" if targets else "") + "---|---|"
+                  + ("---|" if contended else "")]
         for s in (s for s in summaries if (s.task, s.model) == (task, model)):
-            mark = f" ⚠ {s.contended}/{s.runs} contended" if s.contended else ""
-            lines.append(f"| {s.method}{mark} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
-                         + (f" | {s.targets or '–'}" if targets else "") + f" | {s.energy_source} | {s.stopped_by} |")
+            mark = (f" ⚠ {s.contended}/{s.runs} contended |" if s.contended else " ok |") if contended else ""
+            lines.append(f"| {s.method} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
+                         + (f" | {s.targets or '–'}" if targets else "") + f" | {s.energy_source} | {s.stopped_by} |"
+                         + mark)
         figure = plot.get((task, model)) if isinstance(plot, dict) else plot
         if figure is not None:
             lines += ["", f"![accuracy against cost]({figure.name})"]

@@ -47,7 +47,7 @@ def test_report_marks_contended_runs(tmp_path):
     RunRecord(task="t", model="m", label="baseline", metrics={"accuracy": 0.9},
               cost={"train_s": 1.0, "contended": True}).save(tmp_path / "a")
     md = build_report([tmp_path])["report"].read_text()
-    assert "contended machine" in md and "⚠ 1/1 contended" in md
+    assert "contended machine" in md and "| ⚠ 1/1 contended |" in md
 
 
 # -- 2. accuracy only for classification shapes -------------------------------------------------
@@ -156,3 +156,17 @@ def test_a_run_that_waits_for_cpu_is_flagged(trainer_factory):
     assert c["contended"] is True and c["cpu_per_thread"] < 0.5
     assert c["threads"] == torch.get_num_threads() and c["cpu_s"] > 0
     assert set(c["load_avg"]) == {"start", "end"}
+
+
+def test_an_unshardable_loader_under_torchrun_is_warned_about(trainer_factory, tiny_data):
+    from haet.core import evaluation
+
+    batches = [(tiny_data.x[:32], tiny_data.y[:32])]
+    trainer = haet.Trainer(tiny_cnn(), batches, progress=False)
+    trainer.world_size = 2  # as under torchrun, without starting processes
+    evaluation._noted.discard("unsharded")
+    with pytest.warns(UserWarning, match="every rank trains on all of it"):
+        assert trainer._epoch_batches(1) is batches
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer._epoch_batches(2)  # once
