@@ -13,6 +13,7 @@ the start of `fit`, when the number of optimizer steps is known, and stepped per
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -108,6 +109,41 @@ class Schedule:
         if isinstance(self.build, torch.optim.lr_scheduler.LRScheduler):
             return self.build
         return self.build(optimizer, total)
+
+    def start(self, optimizer: torch.optim.Optimizer, *, epochs: int, batches_per_epoch: int | None,
+              accumulate: int = 1, max_steps: int | None = None, done_steps: int = 0,
+              done_epochs: int = 0) -> "RunningSchedule":
+        """Build the scheduler for a run (total: optimizer steps, or epochs for ``interval="epoch"``)
+        and advance it past what a resumed run has already done."""
+        if self.interval == "epoch":
+            total, done = epochs, done_epochs
+        else:
+            total = epochs * -(-batches_per_epoch // accumulate) if batches_per_epoch else None
+            if total is not None and max_steps is not None:
+                total = min(total, int(max_steps))
+            done = done_steps
+        running = RunningSchedule(self.create(optimizer, total),
+                                  # the lr of step k is value k: after the last step there is no next one
+                                  total - 1 if total and self.interval == "step" else None)
+        for _ in range(done):
+            running.step()
+        return running
+
+
+class RunningSchedule:
+    """A built scheduler that is never stepped past its end (OneCycleLR raises there; a method that
+    changed an epoch's length, or a loader of unknown length, keeps the last value instead)."""
+
+    def __init__(self, scheduler, last: int | None) -> None:
+        self.scheduler, self.last = scheduler, last
+
+    def step(self) -> None:
+        if self.last is not None and getattr(self.scheduler, "last_epoch", 0) >= self.last:
+            return
+        with warnings.catch_warnings():
+            # GradScaler skips the optimizer step on overflow; torch then warns about the order of calls.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
 
 
 def as_schedule(value) -> Schedule | None:

@@ -16,7 +16,6 @@ import json
 import math
 import random
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -174,7 +173,6 @@ class Trainer:
         self._fitted = False
         self._scaler = self.precision.scaler(device)
         self._scheduler = None
-        self._scheduler_steps: int | None = None
         self.record: RunRecord | None = None
         self._ddp: nn.Module | None = None
         self._method_handlers: dict[Event, list] = {}
@@ -359,33 +357,16 @@ class Trainer:
     def _start_schedule(self, epochs: int, first_epoch: int) -> None:
         if self.schedule is None:
             return
-        if self.schedule.interval == "epoch":
-            total = epochs
-        else:
-            try:
-                per_epoch = len(self._epoch_batches(1))
-            except TypeError:
-                per_epoch = None
-            total = epochs * -(-per_epoch // self.options.accumulate) if per_epoch else None
-            if total is not None and self.budget.steps is not None:
-                total = min(total, int(self.budget.steps))
-        self._scheduler = self.schedule.create(self.state.optimizer, total)
-        # The learning rate of step k is the schedule's value k: after the last step there is no next one.
-        self._scheduler_steps = total - 1 if total and self.schedule.interval == "step" else None
-        done = self.state.step if self.schedule.interval == "step" else first_epoch - 1
-        for _ in range(done):  # a resumed run continues the schedule where it stopped
-            self._step_schedule()
+        try:
+            per_epoch = len(self._epoch_batches(1))
+        except TypeError:
+            per_epoch = None
+        self._scheduler = self.schedule.start(self.state.optimizer, epochs=epochs, batches_per_epoch=per_epoch,
+                                              accumulate=self.options.accumulate, max_steps=self.budget.steps,
+                                              done_steps=self.state.step, done_epochs=first_epoch - 1)
 
     def _step_schedule(self) -> None:
-        sched = self._scheduler
-        # A schedule built for N steps is not stepped past N (OneCycleLR raises there): a method
-        # that changed the epoch's length, or a loader of unknown length, keeps the last value.
-        if self._scheduler_steps is not None and getattr(sched, "last_epoch", 0) >= self._scheduler_steps:
-            return
-        with warnings.catch_warnings():
-            # GradScaler skips the optimizer step on overflow; torch then warns about the order of calls.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            sched.step()
+        self._scheduler.step()
 
     def _eval_due(self) -> bool:
         every = self.options.eval_every

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from ..core.config import check_choice, check_range
-from ..core.errors import ConfigError
 from ..core.method import Method
 from ..data.loader import Loader, TensorData, as_tensor_data
 from . import _gradmatch_ops as ops
