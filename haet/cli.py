@@ -373,8 +373,13 @@ def cmd_bench(args) -> int:
         if error is not None:
             progress.console.print(f"[red]{label} seed {seed}: failed: {type(error).__name__}: {error}")
         elif not args.quiet:
+            c = record.cost
+            target = "" if not c.get("target") else (
+                f", {c['target']} after {c['time_to_target_s']:.2f} s" if c.get("time_to_target_s") is not None
+                else f", {c['target']} not reached")
             progress.console.print(f"{label} seed {seed}: accuracy {_f(record.metrics.get('accuracy'), '.4f')}, "
-                                   f"train {record.cost.get('train_s', 0):.2f} s, {record.stopped_by}")
+                                   f"train {c.get('train_s', 0):.2f} s, {record.stopped_by}{target}"
+                                   + (" [yellow]⚠ contended[/yellow]" if c.get("contended") else ""))
         progress.update(task, advance=1, description=f"last: {label} seed {seed}")
 
     # Every entry is checked before anything runs or is cleared: bad input costs nothing.

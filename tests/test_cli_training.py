@@ -132,3 +132,17 @@ def test_progress_when_piped_prints_plain_lines(trainer_factory):
     assert len(lines) == 2 and "\x1b" not in text
     assert lines[0].startswith("epoch 1/2  step 4  loss 0.1235  acc 0.600")
     assert "left" in lines[1] and "92 steps" in lines[1]
+
+
+def test_bench_reports_time_to_target_and_not_reached_honestly(tmp_path):
+    from haet.bench import run_bench
+
+    result = run_bench("digits", ["baseline"], 1, 1, tmp_path / "a", budget={"steps": 4}, warmup_steps=0,
+                       options={"until": "loss<=0.0", "threads": 1})
+    assert result["summaries"][0].targets == "not reached (0/1)"
+    assert "| time to target |" in result["report"].read_text()
+    result = run_bench("digits", ["baseline"], 1, 1, tmp_path / "b", budget={"steps": 4}, warmup_steps=0,
+                       options={"until": "accuracy=0.0", "eval_every": 2, "threads": 1})
+    record = result["records"][0]
+    assert record.stopped_by == "target" and record.steps == 2
+    assert result["summaries"][0].targets == f"{record.cost['time_to_target_s']:.2f} s (1/1)"
