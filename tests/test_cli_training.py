@@ -146,3 +146,18 @@ def test_bench_reports_time_to_target_and_not_reached_honestly(tmp_path):
     record = result["records"][0]
     assert record.stopped_by == "target" and record.steps == 2
     assert result["summaries"][0].targets == f"{record.cost['time_to_target_s']:.2f} s (1/1)"
+
+
+def test_methods_all_keeps_those_that_fit_and_names_the_others():
+    import argparse
+
+    from haet import cli
+    from haet.methods import split_entries
+
+    args = argparse.Namespace(methods="all", task="digits", model="resnet8", epochs=1, device="cpu", data_dir=None,
+                              batch_size=64, quiet=True)
+    kept, skipped = cli._drop_unfit(args, split_entries("all"), {}, {"threads": 1})
+    assert kept[0] == "baseline" and "qat" in kept
+    assert sorted(dict(skipped)) == ["gradmax", "tensor_train"]  # resnet8: no growable pair, no Linear to convert
+    assert "growable" in dict(skipped)["gradmax"] and "nothing was changed" in dict(skipped)["tensor_train"]
+    assert set(kept) | set(dict(skipped)) == set(split_entries("all"))

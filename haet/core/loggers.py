@@ -76,6 +76,10 @@ class MLflowLogger(Logger):
             import mlflow
         except ImportError:
             raise ConfigError("--log mlflow needs the log extra: pip install 'haet[log]'") from None
+        import logging
+
+        for name in ("mlflow", "alembic"):  # their set-up chatter (creating tables) is not the run's output
+            logging.getLogger(name).setLevel(logging.WARNING)
         if tracking_uri is None:
             if db_path is None:
                 raise ConfigError("MLflowLogger needs a db_path (a local SQLite store) or a tracking_uri")
