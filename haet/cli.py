@@ -1,12 +1,16 @@
 """The ``haet`` command: a thin layer over the library.
 
     haet tasks
-    haet methods
+    haet methods [NAME]
     haet train --task T [--model M] [--method NAME[:k=v,k=v]]... [--epochs N] [--budget ...]
+               [--until accuracy=0.95] [--precision fp32|bf16|fp16] [--optimizer NAME:k=v]
+               [--schedule NAME:k=v] [--accumulate N] [--clip-grad X] [--eval-every N]
                [--seed S] [--device auto|cpu|cuda] [--out DIR] [--overwrite] [--checkpoint]
-               [--resume DIR] [--quiet] [--data-dir DIR]
-    haet bench --task T --methods baseline,NAME[:k=v],... [--seeds N] [--epochs N] [--budget ...] --out DIR
+               [--resume DIR] [--save-model] [--log tensorboard|mlflow] [--threads N] [--quiet] [--data-dir DIR]
+    haet bench --task T --methods baseline,NAME[:k=v],... [--seeds N] [--epochs N] [--budget ...]
+               [--until ...] [--threads N] [--add] --out DIR
     haet report DIR... [--out DIR]
+    haet eval DIR [--task T]
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the valid choices, nothing
 written); 1 a failure during training (the record of what ran is still written), an interrupt,
@@ -42,6 +46,37 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+BUDGET_HELP = ("limits: time=60s,energy=200J,steps=1000,flops=1e12,mem=512MB (time: training seconds; "
+               "steps: optimizer steps; mem: MiB added by training, i.e. peak minus the resident size at "
+               "start on CPU, the allocator's peak on CUDA)")
+
+
+def _training_options(p) -> None:
+    p.add_argument("--until", metavar="METRIC=VALUE",
+                   help="stop at the first evaluation that meets it: accuracy=0.95 (>=), loss=0.1 (<= for loss-like "
+                        "names), or explicit accuracy>=0.9; records cost.time_to_target_s")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N optimizer steps (default: per epoch)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast for forward and loss (bf16: CPU and CUDA; fp16: CUDA, with a gradient scaler); "
+                        "weights stay fp32 (default fp32)")
+    p.add_argument("--optimizer", metavar="NAME:k=v",
+                   help="sgd:lr=0.1,momentum=0.9,nesterov=true | adam:lr=1e-3 | adamw:lr=1e-3,weight_decay=0.01 "
+                        "(default adam:lr=1e-3)")
+    p.add_argument("--schedule", metavar="NAME:k=v",
+                   help="onecycle:max_lr=0.01 | cosine:min_lr=0,warmup_steps=0 (per step) | step:step_size=1,gamma=0.1 "
+                        "(per epoch)")
+    p.add_argument("--accumulate", type=int, metavar="N", help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--clip-grad", type=float, metavar="X", help="clip the gradients' global L2 norm to X")
+
+
+def _training_config(args) -> dict:
+    """RunConfig fields of the training options given on the command line."""
+    out = {"precision": args.precision or "fp32", "optimizer": args.optimizer, "schedule": args.schedule,
+           "accumulate": 1 if args.accumulate is None else args.accumulate, "clip_grad": args.clip_grad,
+           "until": args.until, "eval_every": args.eval_every, "threads": args.threads}
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input in one line and exits 2."""
 
@@ -55,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("tasks", help="list tasks")
-    sub.add_parser("methods", help="list methods: name, one line, paper")
+    m = sub.add_parser("methods", help="list methods: name, one line, paper; NAME: its parameters")
+    m.add_argument("name", nargs="?", help="a method: its parameters, types, defaults, ranges")
 
     t = sub.add_parser("train", help="train one model and write its record")
     t.add_argument("--task", help="a task from `haet tasks` (default mnist5k)")
@@ -63,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,k=v]",
                    help="a method and its parameters; repeat to combine methods")
     t.add_argument("--epochs", type=int, help="epochs to train (default 5; with --resume, the total)")
-    t.add_argument("--budget", help="limits: time=60s,energy=200J,steps=1000,flops=1e12,mem=512MB")
+    t.add_argument("--budget", help=BUDGET_HELP)
+    _training_options(t)
     t.add_argument("--seed", type=int, help="seed of weights, data split and order (default 0)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when available")
     t.add_argument("--batch-size", type=int, help="samples per batch (default 64)")
@@ -72,26 +109,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
     t.add_argument("--checkpoint", action="store_true", help="save checkpoint.pt at each epoch end")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    t.add_argument("--save-model", action="store_true",
+                   help="write the trained model to OUT/model.safetensors (+ model.json); `haet eval OUT` reads it")
+    t.add_argument("--log", action="append", default=[], choices=["tensorboard", "mlflow"],
+                   help="also log to TensorBoard (OUT/tensorboard) or MLflow (local store OUT/mlflow.db); repeatable")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress bar or summary; print the record path")
 
     b = sub.add_parser("bench", help="run the baseline and methods over seeds; write a report")
     b.add_argument("--task", default="mnist5k", help="a task from `haet tasks`")
     b.add_argument("--model", help="a model the task accepts (default: the task's)")
     b.add_argument("--methods", required=True,
-                   help="comma-separated: baseline,NAME[:k=v,k=v],...; join methods with + ; `all` = every method")
+                   help="comma-separated: baseline,NAME[:k=v,k=v],...; join methods with + ; `all` = every method "
+                        "that fits the model (the others are listed as skipped)")
     b.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     b.add_argument("--epochs", type=int, default=5, help="epochs per run (default 5)")
-    b.add_argument("--budget", help="limits per run: time=60s,energy=200J,steps=1000,flops=1e12,mem=512MB")
+    b.add_argument("--budget", help=BUDGET_HELP.replace("limits", "limits per run"))
+    _training_options(b)
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
     b.add_argument("--data-dir", help="directory of a task's files (cifar10)")
+    b.add_argument("--threads", type=int,
+                   help="torch CPU threads for every run, recorded (default: half the cores, 1 to 4; 1 on 2 cores)")
     b.add_argument("--out", required=True, help="directory for runs/, results.csv, report.md, pareto.png")
     b.add_argument("--overwrite", action="store_true", help="replace a previous bench in --out")
+    b.add_argument("--add", action="store_true",
+                   help="add these runs to the bench in --out (another task or model gets its own report section)")
     b.add_argument("--quiet", action="store_true", help="print only the paths written")
 
     r = sub.add_parser("report", help="rebuild results.csv, report.md, pareto.png from records")
     r.add_argument("dirs", nargs="+", help="directories searched for record.json")
     r.add_argument("--out", help="where to write (default: the first directory)")
+
+    e = sub.add_parser("eval", help="evaluate a saved model (train --save-model) on a task's test split")
+    e.add_argument("dir", help="a run directory holding model.safetensors and model.json")
+    e.add_argument("--task", help="the task to evaluate on (default: the one it was trained on)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--data-dir", help="directory of a task's files (cifar10)")
 
     for name, module in COMMANDS.items():
         mod = importlib.import_module(module)
@@ -103,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         builtin = {"tasks": cmd_tasks, "methods": cmd_methods, "train": cmd_train, "bench": cmd_bench,
-                   "report": cmd_report}
+                   "report": cmd_report, "eval": cmd_eval}
         if args.command in builtin:
             return builtin[args.command](args)
         return importlib.import_module(COMMANDS[args.command]).run(args)
@@ -132,15 +186,36 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import registry
+    from .methods import get_method_class, registry
 
+    if args.name:
+        return _describe_method(get_method_class(args.name))
     reg = registry()
-    table = Table(title="haet methods")
+    table = Table(title="haet methods (haet methods NAME: its parameters)")
     for col in ("method", "what it does", "paper", "owns"):
         table.add_column(col)
     table.add_row("baseline", "no method (bench --methods only)", "–", "–")
     for name, cls in reg.items():
         table.add_row(name, cls.summary, cls.paper, ", ".join(sorted(cls.owns)) or "–")
+    out.print(table)
+    return EXIT_OK
+
+
+def _describe_method(cls) -> int:
+    from .core.describe import describe
+
+    out.print(f"[bold]{cls.name}[/bold]: {cls.summary}")
+    out.print(f"paper: {cls.paper or '–'}")
+    out.print(f"owns: {', '.join(sorted(cls.owns)) or '–'}")
+    if cls.config_class is None:
+        out.print("no parameters")
+        return EXIT_OK
+    table = Table(title=f"parameters ({cls.name}:k=v,k=v)")
+    for col in ("parameter", "type", "default", "allowed", "meaning"):
+        table.add_column(col, overflow="fold")
+    for p in describe(cls.config_class):
+        table.add_row(p["name"], p["type"], repr(p["default"]) if isinstance(p["default"], str) else str(p["default"]),
+                      p["range"] or "–", p["help"] or "–")
     out.print(table)
     return EXIT_OK
 
@@ -173,7 +248,8 @@ def cmd_train(args) -> int:
                            seed=0 if args.seed is None else args.seed, epochs=5 if args.epochs is None else args.epochs,
                            budget=Budget.parse(args.budget).to_dict() if args.budget else {},
                            device=args.device or "auto", data_dir=args.data_dir,
-                           batch_size=64 if args.batch_size is None else args.batch_size)
+                           batch_size=64 if args.batch_size is None else args.batch_size,
+                           save_model=args.save_model, log=list(dict.fromkeys(args.log)), **_training_config(args))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.out) if args.out else Path("runs/train") / f"{config.task}-{stamp}"
         checkpoint = args.checkpoint
@@ -215,15 +291,26 @@ def _print_summary(record, out_dir: Path) -> None:
         ("test loss", _f(record.metrics.get("loss"), ".4f")),
         ("epochs / steps", f"{record.epochs} / {record.steps}"),
         ("stopped by", record.stopped_by),
+        ("evaluated at step", _last_eval_step(record)),
         ("train time", _f(c.get("train_s"), ".2f", " s")),
         ("wall time", _f(c.get("wall_s"), ".2f", " s")),
         ("peak memory", _f(c.get("peak_mem_mb"), ".1f", " MiB")),
         ("params / grads / optimizer / activations",
          " / ".join(_bytes(mem.get(k)) for k in ("params", "grads", "optimizer", "activations"))),
-        ("training FLOPs", _f(c.get("flops"), ".3g")),
+        ("peak memory added by training", _f(c.get("peak_mem_added_mb"), ".1f", " MiB")),
+        ("training FLOPs", _f(c.get("flops"), ".3g")
+         + (f" ({', '.join(sorted(c['flops_by_dtype']))})" if c.get("flops_by_dtype") else "")),
         ("MFU", _f(c.get("mfu"), ".1%")),
         (f"energy ({c.get('energy_source')})", _f(c.get("energy_j"), ".4g", " J")),
     ]
+    if c.get("target"):
+        rows.append((f"time to {c['target']}", _f(c.get("time_to_target_s"), ".2f", " s")
+                     if c.get("time_to_target_s") is not None else "not reached"))
+    if "cpu_s" in c:
+        share = c.get("cpu_per_thread")
+        rows.append(("CPU time / threads", f"{c['cpu_s']:.2f} s / {c.get('threads')}"
+                     + (f" ({share:.2f} per thread-second)" if share is not None else "")))
+        rows.append(("timing", "[yellow]CONTENDED: times not reliable[/yellow]" if c.get("contended") else "uncontended"))
     for k, v in record.method_metrics.items():
         rows.append((k, _f(v, ".4g") if isinstance(v, float) else str(v)))
     for k, v in rows:
@@ -232,6 +319,17 @@ def _print_summary(record, out_dir: Path) -> None:
     if c.get("energy_source") == "model":
         out.print("[dim]energy is estimated by haet's energy model (FLOPs and bytes moved at 45 nm), not measured[/dim]")
     out.print(f"record: {out_dir / 'record.json'}")
+
+
+def _last_eval_step(record) -> str:
+    """The step the reported metrics come from (after Ctrl-C, the last evaluation before it)."""
+    evaluated = [h.get("step") for h in record.history if any(k not in ("epoch", "step", "train_loss", "train_s",
+                                                                           "mid_epoch") for k in h)]
+    if record.stopped_by not in ("interrupt", "error") and record.metrics:
+        return str(record.steps)
+    if evaluated and evaluated[-1] is not None:
+        return f"{evaluated[-1]} (last evaluation; stopped at {record.steps})"
+    return "–"
 
 
 def _f(v, spec: str, unit: str = "") -> str:
@@ -253,10 +351,19 @@ def cmd_bench(args) -> int:
     from .bench import RunConfig, check_out_dir, clear_outputs, prepare, run_bench
     from .methods import split_entries
 
+    from .bench import check_other_task, default_threads
+
     entries = split_entries(args.methods)
     budget = Budget.parse(args.budget).to_dict() if args.budget else {}
     out_dir = Path(args.out)
-    check_out_dir(out_dir, args.overwrite, files=("results.csv", "report.md", "pareto.png"))
+    if not args.overwrite:
+        check_other_task(out_dir, args.task, args.model, args.add)
+    if not args.add:
+        check_out_dir(out_dir, args.overwrite, files=("results.csv", "report.md", "pareto.png"))
+    if args.add and args.overwrite:
+        raise ConfigError("--add and --overwrite contradict each other: add to the bench in --out, or replace it")
+    options = _training_config(args)
+    options["threads"] = default_threads() if args.threads is None else args.threads
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     total = len(entries) * args.seeds
@@ -267,24 +374,35 @@ def cmd_bench(args) -> int:
         if error is not None:
             progress.console.print(f"[red]{label} seed {seed}: failed: {type(error).__name__}: {error}")
         elif not args.quiet:
+            c = record.cost
+            target = "" if not c.get("target") else (
+                f", {c['target']} after {c['time_to_target_s']:.2f} s" if c.get("time_to_target_s") is not None
+                else f", {c['target']} not reached")
             progress.console.print(f"{label} seed {seed}: accuracy {_f(record.metrics.get('accuracy'), '.4f')}, "
-                                   f"train {record.cost.get('train_s', 0):.2f} s, {record.stopped_by}")
+                                   f"train {c.get('train_s', 0):.2f} s, {record.stopped_by}{target}"
+                                   + (" [yellow]⚠ contended[/yellow]" if c.get("contended") else ""))
         progress.update(task, advance=1, description=f"last: {label} seed {seed}")
 
     # Every entry is checked before anything runs or is cleared: bad input costs nothing.
     for e in entries:
         prepare(RunConfig(task=args.task, model=args.model, methods=e, epochs=args.epochs, budget=budget,
-                          device=args.device, data_dir=args.data_dir, batch_size=args.batch_size))
+                          device=args.device, data_dir=args.data_dir, batch_size=args.batch_size, **options))
+    entries, skipped = _drop_unfit(args, entries, budget, options)
+    if not args.quiet:
+        err.print(f"bench: {options['threads']} torch thread(s) per run (--threads), recorded in each record")
     if args.overwrite:
         clear_outputs(out_dir)
     with progress:
         task = progress.add_task("", total=total)
         result = run_bench(args.task, entries, args.seeds, args.epochs, out_dir, model=args.model, budget=budget,
-                           device=args.device, data_dir=args.data_dir, on_run=on_run, batch_size=args.batch_size)
+                           device=args.device, data_dir=args.data_dir, on_run=on_run, batch_size=args.batch_size,
+                           options=options, add=args.add)
     if not args.quiet:
         _print_comparison(result["summaries"])
     for key in ("report", "pareto", "results"):
         print(f"{key}: {result[key]}")
+    for label, reason in skipped:
+        print(f"skipped {label}: {reason}")
     if result["interrupted"]:
         print("haet: bench interrupted; the report covers the runs that finished", file=sys.stderr)
         return EXIT_FAILED
@@ -295,18 +413,55 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
+def _drop_unfit(args, entries: list[str], budget: dict, options: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    """With ``--methods all``: the methods that cannot take the model are skipped, with the reason."""
+    from .bench import RunConfig, unfit_reason
+    from .methods import registry
+
+    if "all" not in (s.strip() for s in args.methods.split(",")):
+        return entries, []
+    kept, skipped = [], []
+    for e in entries:
+        reason = None
+        if e in registry():  # expanded from `all` (or named bare): check that it fits
+            reason = unfit_reason(RunConfig(task=args.task, model=args.model, methods=e, epochs=args.epochs,
+                                            budget=budget, device=args.device, data_dir=args.data_dir,
+                                            batch_size=args.batch_size, **options))
+        if reason is None:
+            kept.append(e)
+        else:
+            skipped.append((e, reason))
+            if not args.quiet:
+                err.print(f"[yellow]skipped {e}: {reason}")
+    return kept, skipped
+
+
 def _print_comparison(summaries) -> None:
+    """One table per (task, model): runs of different tasks or models are never averaged together."""
     from .report import QUANTITIES, cell
 
-    table = Table(title="haet bench: mean ± std over seeds (ratio to baseline)")
-    table.add_column("method")
-    table.add_column("runs", justify="right")
-    for _, heading, unit, _ in QUANTITIES:
-        table.add_column(f"{heading} ({unit})" if unit else heading, justify="right")
-    table.add_column("energy source")
-    for s in summaries:
-        table.add_row(s.method, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES), s.energy_source)
-    out.print(table)
+    sections = list(dict.fromkeys((s.task, s.model) for s in summaries))
+    targets = any(s.targets for s in summaries)
+    for task, model in sections:
+        where = f"{task} / {model}: " if task or model else ""
+        table = Table(title=f"haet bench: {where}mean ± std over seeds (ratio to baseline)")
+        table.add_column("method")
+        table.add_column("runs", justify="right")
+        for _, heading, unit, _ in QUANTITIES:
+            table.add_column(f"{heading} ({unit})" if unit else heading, justify="right")
+        if targets:
+            table.add_column("time to target", justify="right")
+        table.add_column("energy source")
+        contended = any(s.contended for s in summaries)
+        if contended:
+            table.add_column("timing")
+        for s in (s for s in summaries if (s.task, s.model) == (task, model)):
+            mark = [f"[yellow]⚠ {s.contended}/{s.runs} contended[/yellow]" if s.contended else "ok"] if contended else []
+            table.add_row(s.method, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES),
+                          *([s.targets or "–"] if targets else []), s.energy_source, *mark)
+        out.print(table)
+    if any(s.contended for s in summaries):
+        err.print("[yellow]haet: some runs were timed on a contended machine (⚠): their times are not reliable")
 
 
 def cmd_report(args) -> int:
@@ -316,6 +471,40 @@ def cmd_report(args) -> int:
     _print_comparison(result["summaries"])
     for key in ("report", "pareto", "results"):
         print(f"{key}: {result[key]}")
+    return EXIT_OK
+
+
+# -- eval --------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    import torch
+
+    from .core.evaluation import evaluate
+    from .core.saving import load_model, read_meta
+    from .core.trainer import resolve_device
+    from .data.tasks import get_task
+
+    meta = read_meta(args.dir)
+    name = args.task or meta["task"]
+    if not name:
+        raise ConfigError(f"{args.dir}: the saved model names no task; pass --task")
+    task = get_task(name)
+    device = resolve_device(args.device)
+    model = load_model(args.dir, device=device)
+    _, test = task.load(meta["seed"], args.data_dir)  # the test split the model was trained against
+    try:
+        if task.eval_fn is not None:
+            metrics = task.eval_fn(model, test, device)
+        else:
+            metrics = evaluate(model, test, task.loss_fn or torch.nn.functional.cross_entropy, device)
+    except RuntimeError as err:
+        raise ConfigError(f"the model in {args.dir} (trained on {meta['task']}) does not take {task.name}'s "
+                          f"inputs: {str(err).splitlines()[0]}") from None
+    table = Table(title=f"haet eval: {args.dir} on {task.name} (test split of seed {meta['seed']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, _f(v, ".4f") if isinstance(v, float) else str(v))
+    out.print(table)
     return EXIT_OK
 
 

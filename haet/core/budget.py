@@ -20,7 +20,7 @@ class Budget:
     energy_j: float | None = None     # joules, from the energy meter (its source is recorded)
     steps: int | None = None          # optimizer steps
     flops: float | None = None        # training FLOPs counted by the FLOPs meter
-    peak_mem_mb: float | None = None  # peak memory in MiB (process RSS on CPU, allocator on CUDA)
+    peak_mem_mb: float | None = None  # MiB added by training: on CPU peak RSS minus RSS at fit start; CUDA allocator peak
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -73,7 +73,7 @@ class Budget:
 
 #: Budget field -> (reading key, kind in ``stopped_by = "budget:<kind>"``), in the order checked.
 _LIMITS = {"steps": ("steps", "steps"), "time_s": ("train_s", "time"), "energy_j": ("energy_j", "energy"),
-           "flops": ("flops", "flops"), "peak_mem_mb": ("peak_mem_mb", "mem")}
+           "flops": ("flops", "flops"), "peak_mem_mb": ("mem_budget_mb", "mem")}
 
 
 def _number_with_unit(units: dict[str, float]):

@@ -11,6 +11,7 @@ listen after the methods and report what the run cost. `fit` returns a `RunRecor
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -30,8 +31,12 @@ from . import checkpoint, distributed
 from .budget import Budget
 from .clock import PhaseClock
 from .errors import ConfigError
+from .evaluation import _move, evaluate, note_once
 from .events import Event
+from .loggers import Logger
 from .method import CAPABILITIES, Method, capability_conflicts
+from .optim import as_schedule
+from .options import TrainOptions, as_precision, as_targets
 from .record import RunRecord, hardware_info
 from .state import State
 
@@ -80,6 +85,18 @@ class Trainer:
         out_dir: when given, ``metrics.jsonl`` gets one line per epoch and ``record.json`` the
             record (rank 0 only); with ``checkpoint=True`` also ``checkpoint.pt`` each epoch.
         task, model_name, label: names for the record (label: how the methods were asked for).
+        precision: "fp32", "bf16" (CPU and CUDA) or "fp16" (CUDA, with a gradient scaler): forward
+            and loss under ``torch.autocast``; weights and optimizer state stay float32.
+        scheduler: a learning-rate schedule: a torch ``LRScheduler`` (stepped per optimizer step),
+            a callable ``(optimizer, total_steps) -> LRScheduler``, a `haet.Schedule` (which says
+            per step or per epoch) or a name (``"onecycle:max_lr=0.1"``, see `haet.core.optim`).
+        until: a target to stop at, ``{"accuracy": 0.95}`` (``>=``; ``<=`` for loss-like metrics)
+            or ``"loss<=0.1"``: the run stops at the first evaluation that meets it
+            (``stopped_by="target"``, ``cost.time_to_target_s``).
+        options: `TrainOptions` (gradient accumulation, clipping, evaluation every N steps).
+        loggers: `haet.Logger` instances (TensorBoard, MLflow, your own) that get each evaluation.
+        save_model: write ``model.safetensors`` + ``model.json`` into `out_dir` at the end
+            (`haet.load_model` reads them back).
     """
 
     def __init__(self, model: nn.Module, train_data: Any, eval_data: Any = None, *,
@@ -89,7 +106,10 @@ class Trainer:
                  meters: Sequence[Meter] | None = None, device: str | torch.device = "auto", seed: int = 0,
                  progress: bool = True, batch_size: int = 64, eval_fn: Callable | None = None,
                  out_dir: str | Path | None = None, checkpoint: bool = False,
-                 task: str | None = None, model_name: str | None = None, label: str | None = None) -> None:
+                 task: str | None = None, model_name: str | None = None, label: str | None = None,
+                 precision: str = "fp32", scheduler: Any = None, until: Any = None,
+                 options: TrainOptions | None = None, loggers: Sequence[Logger] = (),
+                 save_model: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -108,7 +128,19 @@ class Trainer:
             raise ConfigError(f"the budget reads {', '.join(missing)}, which no meter of this run provides "
                               f"(meters: {', '.join(m.name for m in self.meters) or 'none'})")
 
+        self.options = options if options is not None else TrainOptions()
+        if not isinstance(self.options, TrainOptions):
+            raise ConfigError(f"options must be a haet.TrainOptions, got {type(self.options).__name__}")
+        self.precision = as_precision(precision)
+        self.schedule = as_schedule(scheduler)
+        self.targets = as_targets(until)
+        self.loggers = list(loggers)
+        for logger in self.loggers:
+            if not isinstance(logger, Logger):
+                raise ConfigError(f"loggers must be haet.Logger instances, got {type(logger).__name__}")
+        _check_step_options(self.methods, self.options, self.precision)
         device = resolve_device(device)
+        self.precision.check_device(device)
         self.rank, self.world_size = distributed.init(device)
         if device.type == "cuda" and self.world_size > 1:
             device = torch.device("cuda", distributed.env_world()[2])
@@ -124,13 +156,25 @@ class Trainer:
         self.checkpoint = checkpoint
         if checkpoint and self.out_dir is None:
             raise ConfigError("checkpoint=True needs an out_dir to write checkpoint.pt into")
+        self.save_model = save_model
+        if save_model and self.out_dir is None:
+            raise ConfigError("save_model=True needs an out_dir to write model.safetensors into")
         self.task, self.model_name = task, model_name or type(model).__name__
         self.label = label or "+".join(m.name for m in self.methods) or "baseline"
         self.state = State(model=model, optimizer=optimizer, loss_fn=loss_fn or nn.functional.cross_entropy,
                            device=device, seed=seed, clock=PhaseClock(device), train_data=train_data,
                            batch_size=batch_size, rank=self.rank, world_size=self.world_size,
                            meters={m.name: m for m in self.meters})
+        # FLOPs and modelled energy are labelled with the format matrix products run in under autocast.
+        self.state.compute_dtype = self.precision.label
+        if self.targets:
+            from .target import TargetWatch
+
+            self.meters.append(TargetWatch(self.targets))  # reports into cost like a meter
         self.history: list[dict] = []
+        self._fitted = False
+        self._scaler = self.precision.scaler(device)
+        self._scheduler = None
         self.record: RunRecord | None = None
         self._ddp: nn.Module | None = None
         self._method_handlers: dict[Event, list] = {}
@@ -138,9 +182,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def fit(self, epochs: int, *, resume_from: str | Path | None = None) -> RunRecord:
-        """Train for `epochs` epochs in total (a resumed run continues to that count)."""
+        """Train for `epochs` epochs in total (a resumed run continues to that count).
+
+        A Trainer fits once: a second call is refused (the methods have already transformed the
+        model); to train further, resume from a checkpoint or build a new Trainer."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+        if self._fitted:
+            raise ConfigError("fit() was already called on this Trainer; to train further, resume from its "
+                              "checkpoint (Trainer(..., checkpoint=True) then fit(resume_from=DIR)) or build a "
+                              "new Trainer")
+        self._fitted = True
         state = self.state
         state.epochs = epochs
         self._method_handlers = {e: [] for e in Event}
@@ -159,11 +211,14 @@ class Trainer:
         if self.world_size > 1:
             self._ddp = nn.parallel.DistributedDataParallel(
                 state.model, device_ids=[state.device.index] if state.device.type == "cuda" else None)
+        self._start_schedule(epochs, first_epoch)
+        self._log_params()
 
         stopped_by = "epochs"
-        evaluated_at_step = -1
+        self._evaluated_at_step = -1
         try:
             with self._progress_bar() as bar:
+                self._bar = bar
                 for epoch in range(first_epoch, epochs + 1):
                     state.epoch = epoch
                     state.train_loader = self._epoch_batches(epoch)
@@ -172,12 +227,18 @@ class Trainer:
                     train_loss = self._train_epoch(bar)
                     self._fire(Event.EPOCH_END)
                     state.clock.pause("methods")
+                    if self.schedule is not None and self.schedule.interval == "epoch":
+                        self._step_schedule()
                     line = {"epoch": epoch, "step": state.step, "train_loss": train_loss,
                             "train_s": state.clock.train_s}
-                    line.update(self._evaluate())
-                    evaluated_at_step = state.step
+                    if self._evaluated_at_step != state.step:
+                        line.update(self._evaluate())
+                    else:  # an evaluation every N steps has just read this model
+                        line.update(state.eval_metrics)
+                    self._evaluated_at_step = state.step
                     for method in self.methods:
                         line.update(method.epoch_metrics())
+                    self._log(line)
                     self._end_epoch(line)
                     if state.stop_reason is not None:
                         stopped_by = state.stop_reason
@@ -186,57 +247,174 @@ class Trainer:
             stopped_by = "interrupt"
         except Exception as err:
             state.clock.pause("methods")
-            self._finish("error", evaluated_at_step, error=f"{type(err).__name__}: {err}")
+            self._close_loggers()
+            self._finish("error", self._evaluated_at_step, error=f"{type(err).__name__}: {err}")
             raise
         finally:
             self._ddp = None  # release DDP's reducer (and its communication threads) with the run
-        return self._finish(stopped_by, evaluated_at_step)
+            self._bar = None
+        record = self._finish(stopped_by, self._evaluated_at_step)
+        record.history = copy.deepcopy(record.history)  # the returned record never changes afterwards
+        self._after_finish(record)
+        return record
 
     # -- the loop ------------------------------------------------------------------------------
     def _train_epoch(self, bar) -> float | None:
+        """One epoch. With ``accumulate = N``, N micro-batches (BATCH_START, AFTER_FORWARD,
+        AFTER_BACKWARD each) make one optimizer step (AFTER_STEP, BATCH_END once); ``state.step``
+        counts optimizer steps, so budgets, schedules and ``eval_every`` count them too."""
         state, clock = self.state, self.state.clock
         model = self._ddp or state.model
         model.train()
         fire = self._fire
+        accumulate = self.options.accumulate
         loss_sum, batches = 0.0, 0
         budget_check = self._budget_check()
+        try:
+            total = len(state.train_loader)
+        except TypeError:
+            total = None
+        micro, group = 0, accumulate
         for batch in state.train_loader:
+            if micro == 0:  # the last group of an epoch may be shorter
+                group = accumulate if total is None else max(1, min(accumulate, total - state.batch_index))
             state.batch = self._to_device(batch)
             clock.lap("data")
             fire(Event.BATCH_START)
             x, y, *weights = state.batch
-            state.outputs = model(x)
-            state.loss = self._loss(state.outputs, y, weights[0] if weights else None)
-            clock.lap("forward")
-            fire(Event.AFTER_FORWARD)
-            loss_value = state.loss.item()
-            if not math.isfinite(loss_value):
-                state.request_stop("nonfinite_loss")  # before backward: the weights stay finite
-            else:
-                (state.backward_fn or state.loss.backward)()
-                clock.lap("backward")
-                fire(Event.AFTER_BACKWARD)
-                (state.step_fn or state.optimizer.step)()
-                (state.zero_grad_fn or state.optimizer.zero_grad)()
-                clock.lap("optimizer")
-                state.step += 1
-                state.samples_seen += len(y)
-                loss_sum += loss_value
-                batches += 1
-                fire(Event.AFTER_STEP)
-                if budget_check is not None:
-                    budget_check()
-                fire(Event.BATCH_END)
-                if bar is not None:
-                    bar.advance(loss_value)
+            last_micro = micro + 1 >= group
+            # Under DDP, gradients are averaged across ranks once per optimizer step, not per micro-batch.
+            sync = self._ddp.no_sync() if (self._ddp is not None and not last_micro) else contextlib.nullcontext()
+            with sync:
+                with self.precision.autocast(state.device):
+                    state.outputs = model(x)
+                    state.loss = self._loss(state.outputs, y, weights[0] if weights else None)
+                clock.lap("forward")
+                fire(Event.AFTER_FORWARD)
+                loss_value = state.loss.item()
+                if not math.isfinite(loss_value):
+                    state.request_stop("nonfinite_loss")  # before backward: the weights stay finite
+                else:
+                    self._backward(group)
+                    clock.lap("backward")
+                    fire(Event.AFTER_BACKWARD)
+                    micro += 1
+                    state.samples_seen += len(y)
+                    loss_sum += loss_value
+                    batches += 1
+                    if last_micro:
+                        micro = 0
+                        self._optimizer_step()
+                        clock.lap("optimizer")
+                        state.step += 1
+                        fire(Event.AFTER_STEP)
+                        if budget_check is not None:
+                            budget_check()
+                        fire(Event.BATCH_END)
+                    if bar is not None:
+                        bar.advance(loss_value)
+                    if last_micro and self._eval_due():
+                        self._evaluate_between_steps(model)
             if self.world_size > 1:
                 state.stop_reason = distributed.agree_stop(state.stop_reason, state.device)
             if state.stop_reason is not None:
                 break
             state.batch_index += 1
+        if micro and state.stop_reason is None:  # a loader of unknown length ended inside a group
+            self._optimizer_step()
+            clock.lap("optimizer")
+            state.step += 1
+            fire(Event.AFTER_STEP)
+            fire(Event.BATCH_END)
         state.batch_index = 0
         state.batch = state.outputs = state.loss = None
         return loss_sum / batches if batches else None
+
+    def _backward(self, group: int) -> None:
+        state = self.state
+        if group > 1:
+            state.loss = state.loss / group  # the accumulated gradient is the mean over the micro-batches
+        if self._scaler is not None:
+            state.loss = self._scaler.scale(state.loss)
+        (state.backward_fn or state.loss.backward)()
+
+    def _optimizer_step(self) -> None:
+        state, clip = self.state, self.options.clip_grad
+        if clip is not None:
+            if self._scaler is not None:
+                self._scaler.unscale_(state.optimizer)
+            params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            self._grad_norm = float(norm)
+        if self._scaler is not None:
+            self._scaler.step(state.optimizer)  # skips the step when the scaled gradients overflowed
+            self._scaler.update()
+        else:
+            (state.step_fn or state.optimizer.step)()
+        (state.zero_grad_fn or state.optimizer.zero_grad)()
+        if self.schedule is not None and self.schedule.interval == "step":
+            self._step_schedule()
+
+    # -- schedules, evaluation every N steps, loggers -----------------------------------------
+    def _start_schedule(self, epochs: int, first_epoch: int) -> None:
+        if self.schedule is None:
+            return
+        try:
+            per_epoch = len(self._epoch_batches(1))
+        except TypeError:
+            per_epoch = None
+        self._scheduler = self.schedule.start(self.state.optimizer, epochs=epochs, batches_per_epoch=per_epoch,
+                                              accumulate=self.options.accumulate, max_steps=self.budget.steps,
+                                              done_steps=self.state.step, done_epochs=first_epoch - 1)
+
+    def _step_schedule(self) -> None:
+        self._scheduler.step()
+
+    def _eval_due(self) -> bool:
+        every = self.options.eval_every
+        return every is not None and self.state.step % every == 0 and self.state.stop_reason is None
+
+    def _evaluate_between_steps(self, model: nn.Module) -> None:
+        """An evaluation every ``eval_every`` steps: the clock is paused, the line goes to the
+        history (marked ``mid_epoch``) and the loggers."""
+        state = self.state
+        state.clock.pause("methods")
+        line = {"epoch": state.epoch, "step": state.step, "train_s": state.clock.train_s, "mid_epoch": True}
+        line.update(self._evaluate())
+        self._evaluated_at_step = state.step
+        self.history.append(line)
+        self._log(line)
+        model.train()
+        state.clock.start()
+
+    def _log_params(self) -> None:
+        params = {"task": self.task, "model": self.model_name, "label": self.label, "seed": self.seed,
+                  "precision": self.precision.name, "accumulate": self.options.accumulate}
+        for logger in self.loggers:
+            logger.log_params(params)
+
+    def _log(self, line: dict) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(self.state.step, {k: v for k, v in line.items() if k not in ("epoch", "step")})
+
+    def _close_loggers(self) -> None:
+        for logger in self.loggers:
+            with contextlib.suppress(Exception):
+                logger.close()
+
+    def _after_finish(self, record: RunRecord) -> None:
+        """Final numbers to the loggers; the model to ``model.safetensors`` when asked."""
+        final = {**{f"final/{k}": v for k, v in record.metrics.items()},
+                 **{f"cost/{k}": v for k, v in record.cost.items() if isinstance(v, (int, float))}}
+        for logger in self.loggers:
+            logger.log_metrics(self.state.step, final)
+        self._close_loggers()
+        if self.save_model and self.rank == 0 and self.out_dir is not None:
+            from .saving import save_model
+
+            save_model(self.out_dir, self.state.unwrapped_model, self.methods, task=self.task,
+                       model_name=self.model_name, input_shape=_sample_shape(self.state.train_data),
+                       seed=self.seed, label=self.label, optimizer=self.state.optimizer)
 
     def _fire(self, event: Event) -> None:
         handlers = self._method_handlers[event]
@@ -296,6 +474,10 @@ class Trainer:
             else:
                 sampler = RandomSampler(data, generator=epoch_generator(self.seed, epoch))
             return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+        if self.world_size > 1 and not isinstance(getattr(data, "sampler", None), DistributedSampler):
+            note_once("unsharded", "train_data is an iterable of batches (your own DataLoader?) that haet cannot "
+                      "shard: under torchrun every rank trains on all of it. Pass the Dataset itself (haet then "
+                      "shards it with a DistributedSampler) or give your DataLoader a DistributedSampler")
         return data  # a re-iterable of batches, used as given
 
     # -- evaluation, epoch end, finish ---------------------------------------------------------
@@ -305,10 +487,11 @@ class Trainer:
         if self.eval_data is None:
             return {}
         start = time.perf_counter()
-        if self.eval_fn is not None:
-            metrics = dict(self.eval_fn(state.model, self.eval_data, state.device))
-        else:
-            metrics = evaluate(state.model, self.eval_data, state.loss_fn, state.device)
+        with self.precision.autocast(state.device):  # evaluated in the arithmetic it trained in
+            if self.eval_fn is not None:
+                metrics = dict(self.eval_fn(state.model, self.eval_data, state.device))
+            else:
+                metrics = evaluate(state.model, self.eval_data, state.loss_fn, state.device)
         if state.clock.sync:
             torch.cuda.synchronize()
         state.clock.eval_s += time.perf_counter() - start
@@ -397,40 +580,6 @@ class Trainer:
         return TrainProgress(self.state, self.budget)
 
 
-def evaluate(model: nn.Module, data: Any, loss_fn: Callable, device: torch.device, batch_size: int = 256) -> dict:
-    """Classification metrics: accuracy (argmax of the last dimension) and mean loss."""
-    was_training = model.training
-    model.eval()
-    if isinstance(data, TensorData):
-        batches: Iterable = Loader(data, batch_size, shuffle=False)
-    elif isinstance(data, Dataset):
-        batches = DataLoader(data, batch_size=batch_size)
-    else:
-        batches = data
-    correct, total, loss_sum = 0, 0, 0.0
-    with torch.no_grad():
-        for x, y, *_ in batches:
-            x, y = _move(x, device), _move(y, device)
-            out = model(x)
-            loss_sum += float(loss_fn(out, y)) * len(y)
-            correct += int((out.argmax(-1) == y).sum())
-            total += len(y)
-    model.train(was_training)
-    if total == 0:
-        return {}
-    return {"accuracy": correct / total, "loss": loss_sum / total}
-
-
-def _move(x, device):
-    if isinstance(x, torch.Tensor):
-        return x if x.device == device else x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_move(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _move(v, device) for k, v in x.items()}
-    return x
-
-
 def _check_methods(methods: list) -> None:
     names = set()
     for m in methods:
@@ -459,3 +608,28 @@ def _check_train_data(data: Any) -> None:
     if iter(data) is data:
         raise ConfigError("train_data is a one-shot iterator; pass something that can be iterated once per "
                           "epoch (a list of batches, a DataLoader, a Dataset)")
+
+
+def _check_step_options(methods: list, options: TrainOptions, precision) -> None:
+    """Accumulation, clipping and fp16's scaler need the Trainer to own backward and the update."""
+    for m in methods:
+        for cap, asked, why in (("optimizer_step", options.accumulate > 1, "accumulate"),
+                                ("optimizer_step", options.clip_grad is not None, "clip_grad"),
+                                ("optimizer_step", precision.name == "fp16", "precision fp16"),
+                                ("backward", options.accumulate > 1, "accumulate")):
+            if asked and cap in m.owns:
+                raise ConfigError(f"{why} cannot run with {m.name}: {m.name} owns {cap!r} "
+                                  f"({CAPABILITIES[cap]}), which {why} needs the Trainer to do")
+
+
+def _sample_shape(data: Any) -> tuple | None:
+    """The shape of one input sample, for rebuilding a saved model (None when unknown)."""
+    if isinstance(data, TensorData):
+        return tuple(data.x.shape[1:])
+    with contextlib.suppress(Exception):
+        if isinstance(data, Dataset):
+            x = data[0][0]
+            return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+        x = next(iter(data))[0]
+        return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None
+    return None

@@ -89,6 +89,9 @@ def find_dir(data_dir: str | None) -> Path:
     for cand in (root, root / "cifar-10-batches-py"):
         if all((cand / f).is_file() for f in TRAIN_FILES + (TEST_FILE,)):
             return cand
+    if root.is_file():
+        raise ConfigError(f"--data-dir {root} is a file, not a directory: extract it first "
+                          f"(tar xzf {root} -C {root.parent}) and pass --data-dir {root.parent / 'cifar-10-batches-py'}")
     if not root.is_dir():
         raise ConfigError(f"--data-dir {root} does not exist (download {URL} and extract it)")
     missing = [f for f in TRAIN_FILES + (TEST_FILE,) if not (root / f).is_file()]

@@ -10,14 +10,18 @@ with per-sample weights (subset-selection methods), and over one shard of each e
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
 class TensorData(Dataset):
-    """A data set held as tensors ``x`` (N, ...) and ``y`` (N, ...)."""
+    """A data set held as tensors ``x`` (N, ...) and ``y`` (N, ...).
+
+    A map-style ``Dataset`` like any other (``DataLoader(TensorData(x, y), batch_size=64)`` works);
+    the Trainer batches it faster itself with `Loader` (slicing, no per-sample collation).
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if len(x) != len(y):
@@ -30,12 +34,35 @@ class TensorData(Dataset):
     def __getitem__(self, i):
         return self.x[i], self.y[i]
 
-    def __getitems__(self, indices):
-        idx = torch.as_tensor(indices)
-        return self.x[idx], self.y[idx]
+    def __getitems__(self, indices) -> list[tuple]:
+        # DataLoader's batched fetch: a list of samples, which the default collate stacks.
+        return [(self.x[i], self.y[i]) for i in indices]
 
     def to(self, device) -> "TensorData":
         return TensorData(self.x.to(device), self.y.to(device))
+
+
+def as_tensor_data(data: Any, what: str = "this method") -> TensorData:
+    """`data` as a `TensorData`: a TensorData as is; a ``TensorDataset`` of (x, y) tensors, or a
+    DataLoader over one, by its tensors; any other map-style Dataset of (x, y) tensor samples by
+    stacking them. Anything else (an iterable of batches) is refused with a clear error."""
+    from ..core.errors import ConfigError
+
+    if isinstance(data, TensorData):
+        return data
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, TensorDataset):
+        if len(data.tensors) != 2:
+            raise ConfigError(f"{what} needs a TensorDataset of (inputs, labels); got {len(data.tensors)} tensors")
+        return TensorData(*data.tensors)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        samples = [data[i] for i in range(len(data))]
+        if all(isinstance(s, (tuple, list)) and len(s) == 2 and isinstance(s[0], torch.Tensor) for s in samples):
+            return TensorData(torch.stack([s[0] for s in samples]), torch.as_tensor([s[1] for s in samples])
+                              if not isinstance(samples[0][1], torch.Tensor) else torch.stack([s[1] for s in samples]))
+    raise ConfigError(f"{what} needs the training data as tensors: a haet.TensorData, a TensorDataset (or a "
+                      f"DataLoader over one) or a Dataset of (tensor, label) samples; got {type(data).__name__}")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -71,6 +71,10 @@ class EnergyMeter(Meter):
             self._measured_j += self._counter() - self._segment_start
             self._segment_start = None
 
+    def after_eval(self, state) -> None:
+        if state.batch is not None:  # an evaluation between steps (eval_every): training goes on
+            self.epoch_start(state)
+
     def fit_end(self, state) -> None:
         self.before_eval(state)
 

@@ -1,7 +1,7 @@
 """FLOPs meter: training FLOPs counted by ``torch.utils.flop_counter``, and MFU.
 
-A step is counted (forward + backward, the methods' work between them included) the first time
-its signature appears (`step_signature`: input shapes, model version, arithmetic); every later
+A step is counted (forward + backward, the methods' work between them included; with gradient
+accumulation, each micro-batch) the first time its signature appears (`step_signature`: input shapes, model version, arithmetic); every later
 step with that signature adds the same count. The counter sees matrix products and convolutions
 (the ops that dominate training); elementwise work and the optimizer update are not counted.
 Work a method does outside the step (a selection pass, say) is charged by the method to the
@@ -79,8 +79,7 @@ class FlopsMeter(Meter):
                                                    state.compute_dtype)
             self.measured_steps += 1
             self._counter = None
-
-    def after_step(self, state) -> None:
+        # Counted per micro-batch: with gradient accumulation an optimizer step is several of them.
         for dtype, n in self.per_step[self._sig].items():
             self._count(n, dtype)
 

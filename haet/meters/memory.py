@@ -41,14 +41,16 @@ def optimizer_state_bytes(optimizer) -> int:
 
 class MemoryMeter(Meter):
     name = "memory"
-    provides = ("peak_mem_mb",)
+    provides = ("peak_mem_mb", "mem_budget_mb")
 
     def __init__(self) -> None:
         self.breakdown = {"params": 0, "grads": 0, "optimizer": 0, "activations": 0}
         self.bytes_moved = 0.0
         self.peak_mb = 0.0
         self._cuda = False
-        self._moved_per_sig: dict[tuple, float] = {}
+        self.start_mb = 0.0    # resident size at fit start (CPU); 0 on CUDA (the allocator starts empty)
+        self._moved_per_sig: dict[tuple, float] = {}   # per optimizer step: the update's traffic
+        self._micro_per_sig: dict[tuple, float] = {}   # per micro-batch: forward and backward traffic
         self._measuring: tuple | None = None
         self._measure: dict = {}
         self._saved: dict[int, int] = {}
@@ -61,8 +63,13 @@ class MemoryMeter(Meter):
             return torch.cuda.max_memory_allocated() / 2**20
         return max(self.peak_mb, _process_peak_mb())
 
+    def added_mb(self) -> float:
+        """Peak memory added since fit start: on CPU the peak minus the resident size at fit start."""
+        return max(0.0, self.current_peak_mb() - self.start_mb)
+
     def readings(self, state) -> dict[str, float]:
-        return {"peak_mem_mb": self.current_peak_mb()}
+        peak = self.current_peak_mb()
+        return {"peak_mem_mb": peak, "mem_budget_mb": peak if self._cuda else max(0.0, peak - self.start_mb)}
 
     def fit_start(self, state) -> None:
         self._cuda = state.device.type == "cuda"
@@ -70,6 +77,7 @@ class MemoryMeter(Meter):
             torch.cuda.reset_peak_memory_stats(state.device)
         else:
             _reset_process_peak()
+            self.start_mb = _process_rss_mb() or 0.0
 
     def fit_end(self, state) -> None:
         self.peak_mb = self.current_peak_mb()
@@ -103,8 +111,16 @@ class MemoryMeter(Meter):
             self._measure["activations"] = sum(self._saved.values())
 
     def after_backward(self, state) -> None:
+        sig = self._sig
         if self._measuring is not None:
             self._measure["grads"] = tensor_bytes(p.grad for p in state.model.parameters())
+        if sig not in self._micro_per_sig:
+            params = list(state.model.parameters())
+            m = self._measure
+            self._micro_per_sig[sig] = (2 * tensor_bytes(params) + 2 * m.get("activations", 0)
+                                        + 2 * tensor_bytes(p for p in params if p.requires_grad) + m.get("input", 0))
+        # Counted per micro-batch: with gradient accumulation an optimizer step is several of them.
+        self.bytes_moved += self._micro_per_sig[sig]
 
     def after_step(self, state) -> None:
         sig = self._sig
@@ -117,13 +133,14 @@ class MemoryMeter(Meter):
             for key, value in (("params", p_bytes), ("grads", m.get("grads", 0)), ("optimizer", s_bytes),
                                ("activations", m.get("activations", 0))):
                 self.breakdown[key] = max(self.breakdown[key], value)
-            self._moved_per_sig[sig] = (4 * p_bytes + 2 * m.get("activations", 0) + 2 * g_bytes
-                                        + 2 * s_bytes + m["input"])
+            self._moved_per_sig[sig] = 2 * p_bytes + 2 * s_bytes  # the update reads and writes both
             self._measuring = None
-        self.bytes_moved += self._moved_per_sig[sig]
+        self.bytes_moved += self._moved_per_sig.get(sig, 0.0)
 
     def report(self, state) -> dict:
-        return {"peak_mem_mb": self.peak_mb or self.current_peak_mb(), "memory_bytes": dict(self.breakdown),
+        peak = self.peak_mb or self.current_peak_mb()
+        return {"peak_mem_mb": peak, "peak_mem_added_mb": peak if self._cuda else max(0.0, peak - self.start_mb),
+                "mem_start_mb": self.start_mb, "memory_bytes": dict(self.breakdown),
                 "bytes_moved": self.total_bytes_moved(state)}
 
     def total_bytes_moved(self, state) -> float:
@@ -141,6 +158,17 @@ class MemoryMeter(Meter):
 
 
 _HWM = re.compile(rb"VmHWM:\s+(\d+)\s*kB")
+_RSS = re.compile(rb"VmRSS:\s+(\d+)\s*kB")
+
+
+def _process_rss_mb() -> float | None:
+    """The process's resident size now (Linux), or None where /proc is not available."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            m = _RSS.search(f.read())
+        return int(m.group(1)) / 1024 if m else None
+    except OSError:
+        return None
 
 
 def _process_peak_mb() -> float:

@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from ..core.config import check_choice, check_range
-from ..core.errors import ConfigError
 from ..core.method import Method
-from ..data.loader import Loader, TensorData
+from ..data.loader import Loader, TensorData, as_tensor_data
 from . import _gradmatch_ops as ops
 
 
@@ -150,9 +149,7 @@ class _SubsetMethod(Method):
         self.selections = 0
 
     def fit_start(self, state) -> None:
-        if not isinstance(state.train_data, TensorData):
-            raise ConfigError(f"{self.name} needs the training data as a haet.TensorData (the built-in tasks "
-                              f"give one); got {type(state.train_data).__name__}")
+        state.train_data = as_tensor_data(state.train_data, self.name)  # a TensorDataset or DataLoader over one too
 
     def epoch_start(self, state) -> None:
         warm = round(getattr(self.config, "warm_fraction", 0.0) * state.epochs)

@@ -1,8 +1,10 @@
 """Reports: results.csv, report.md and pareto.png from a set of RunRecords.
 
 - ``results.csv``: one row per run (task, model, method label, seed, accuracy, costs, stop reason).
-- ``report.md``: per method, mean ± std over seeds of accuracy, train time, peak memory, FLOPs and
-  energy, each cost also as a ratio to the baseline's mean (the run with no method).
+- ``report.md``: a section per (task, model); in it, per method, mean ± std over seeds of accuracy,
+  train time, peak memory, FLOPs and energy, each cost also as a ratio to the baseline's mean of
+  the same task and model (the run with no method). Runs of different tasks or models are never
+  averaged together. Runs whose timing was contended (``cost.contended``) are counted and marked.
 - ``pareto.png``: accuracy against train time, energy and peak memory; one point per method (mean,
   with std bars), the baseline marked, the Pareto front (no other method both cheaper and more
   accurate) drawn as a step line.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,8 @@ from ..core.errors import ConfigError
 from ..core.record import RunRecord
 
 COLUMNS = ("task", "model", "method", "seed", "accuracy", "loss", "train_s", "wall_s", "peak_mem_mb", "flops",
-           "energy_j", "energy_source", "epochs", "steps", "stopped_by", "record")
+           "energy_j", "energy_source", "epochs", "steps", "stopped_by", "target", "time_to_target_s", "contended", "threads",
+           "record")
 
 #: The summary's quantities: (key, heading, unit, lower is better).
 QUANTITIES = (("accuracy", "accuracy", "", False), ("train_s", "train time", "s", True),
@@ -52,7 +56,9 @@ def rows(records: list[tuple[Path, RunRecord]]) -> list[dict]:
                     "accuracy": r.metrics.get("accuracy"), "loss": r.metrics.get("loss"),
                     "train_s": c.get("train_s"), "wall_s": c.get("wall_s"), "peak_mem_mb": c.get("peak_mem_mb"),
                     "flops": c.get("flops"), "energy_j": c.get("energy_j"), "energy_source": c.get("energy_source"),
-                    "epochs": r.epochs, "steps": r.steps, "stopped_by": r.stopped_by, "record": str(path)})
+                    "epochs": r.epochs, "steps": r.steps, "stopped_by": r.stopped_by,
+                    "target": c.get("target"), "time_to_target_s": c.get("time_to_target_s"), "contended": c.get("contended"),
+                    "threads": c.get("threads"), "record": str(path)})
     return out
 
 
@@ -65,10 +71,28 @@ class Summary:
     ratio: dict          # cost means / the baseline's (None without a baseline)
     energy_source: str
     stopped_by: str
+    task: str | None = None
+    model: str | None = None
+    contended: int = 0                # runs whose timing was contended (cost.contended)
+    targets: str = ""                 # time to target: "1.23 s (2/2)", "not reached (0/2)", "" without a target
+
+
+def groups(table: list[dict]) -> list[tuple]:
+    """The (task, model) pairs of the table, in order of first appearance."""
+    return list(dict.fromkeys((r.get("task"), r.get("model")) for r in table))
 
 
 def summarize(table: list[dict], baseline: str = "baseline") -> list[Summary]:
-    """One Summary per method label, in order of first appearance (baseline first)."""
+    """One Summary per (task, model, method label): sections in order of first appearance, the
+    baseline first in each; ratios are to the baseline of the same task and model."""
+    summaries = []
+    for task, model in groups(table):
+        section = [r for r in table if (r.get("task"), r.get("model")) == (task, model)]
+        summaries += _summarize_section(section, baseline, task, model)
+    return summaries
+
+
+def _summarize_section(table: list[dict], baseline: str, task, model) -> list[Summary]:
     labels = sorted(dict.fromkeys(r["method"] for r in table), key=lambda m: (m != baseline,))
     summaries = []
     for label in labels:
@@ -80,13 +104,25 @@ def summarize(table: list[dict], baseline: str = "baseline") -> list[Summary]:
             std[key] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
         sources = sorted({str(r["energy_source"]) for r in runs})
         stops = sorted({str(r["stopped_by"]) for r in runs})
-        summaries.append(Summary(label, len(runs), mean, std, {}, "/".join(sources), "/".join(stops)))
+        summaries.append(Summary(label, len(runs), mean, std, {}, "/".join(sources), "/".join(stops), task, model,
+                                 sum(1 for r in runs if r.get("contended")), _targets(runs)))
     base = next((s for s in summaries if s.method == baseline), None)
     for s in summaries:
         for key, *_ in QUANTITIES:
             b = base.mean.get(key) if base else None
             s.ratio[key] = s.mean[key] / b if (b and s.mean[key] is not None) else None
     return summaries
+
+
+def _targets(runs: list[dict]) -> str:
+    """Time to target over the runs that had one: the mean over those that reached it, and how many did."""
+    aimed = [r for r in runs if r.get("target")]
+    if not aimed:
+        return ""
+    reached = [r["time_to_target_s"] for r in aimed if isinstance(r.get("time_to_target_s"), (int, float))]
+    if not reached:
+        return f"not reached (0/{len(aimed)})"
+    return f"{statistics.fmean(reached):.2f} s ({len(reached)}/{len(aimed)})"
 
 
 def write_csv(table: list[dict], path: Path) -> Path:
@@ -120,23 +156,40 @@ def cell(s: Summary, key: str) -> str:
     return text
 
 
-def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot: Path | None) -> Path:
+def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot: Path | dict | None) -> Path:
+    """`plot`: one figure, or {(task, model): figure} for a report with several sections."""
     tasks = sorted({str(r["task"]) for r in table})
     models = sorted({str(r["model"]) for r in table})
     seeds = sorted({r["seed"] for r in table})
+    sections = list(dict.fromkeys((s.task, s.model) for s in summaries))
     lines = [f"# haet report: {', '.join(tasks)} ({', '.join(models)})", "",
              f"{len(table)} runs; seeds {', '.join(map(str, seeds))}. Mean ± std over seeds; in brackets, the "
              "ratio to the baseline's mean (accuracy: the difference in points). Train time excludes evaluation. "
-             "Energy: source in the last column (`model` = estimated by haet's energy model, not measured).", "",
-             "| method | runs | " + " | ".join(f"{h} ({u})" if u else h for _, h, u, _ in QUANTITIES)
-             + " | energy source | stopped by |",
-             "|---|---|" + "---|" * len(QUANTITIES) + "---|---|"]
-    for s in summaries:
-        lines.append(f"| {s.method} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
-                     + f" | {s.energy_source} | {s.stopped_by} |")
-    if plot is not None:
-        lines += ["", f"![accuracy against cost]({plot.name})"]
-    lines += ["", "Per-run rows: `results.csv`; full records: the `record.json` files it lists.", ""]
+             "Energy: source in the last column (`model` = estimated by haet's energy model, not measured).", ""]
+    contended = sum(s.contended for s in summaries)
+    if contended:
+        lines += [f"**{contended} of {len(table)} runs were timed on a contended machine** (CPU time per thread "
+                  "well below wall time, or load above the core count): their times and time ratios are not "
+                  "reliable; rerun them on a quiet machine or with fewer threads. Marked ⚠ below.", ""]
+    targets = any(s.targets for s in summaries)
+    for task, model in sections:
+        if len(sections) > 1:
+            lines += [f"## {task} / {model}", ""]
+        lines += ["| method | runs | " + " | ".join(f"{h} ({u})" if u else h for _, h, u, _ in QUANTITIES)
+                  + (" | time to target |" if targets else " |") + " energy source | stopped by |"
+                  + (" timing |" if contended else ""),
+                  "|---|---|" + "---|" * len(QUANTITIES) + ("---|" if targets else "") + "---|---|"
+                  + ("---|" if contended else "")]
+        for s in (s for s in summaries if (s.task, s.model) == (task, model)):
+            mark = (f" ⚠ {s.contended}/{s.runs} contended |" if s.contended else " ok |") if contended else ""
+            lines.append(f"| {s.method} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
+                         + (f" | {s.targets or '–'}" if targets else "") + f" | {s.energy_source} | {s.stopped_by} |"
+                         + mark)
+        figure = plot.get((task, model)) if isinstance(plot, dict) else plot
+        if figure is not None:
+            lines += ["", f"![accuracy against cost]({figure.name})"]
+        lines.append("")
+    lines += ["Per-run rows: `results.csv`; full records: the `record.json` files it lists.", ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -202,8 +255,17 @@ def build_report(dirs, out: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     table = rows(records)
     summaries = summarize(table)
-    tasks = sorted({str(r["task"]) for r in table})
-    plot = plot_pareto(summaries, out / "pareto.png", title=f"{', '.join(tasks)}: accuracy against cost "
-                       "(baseline: black star; mean ± std over seeds)")
-    return {"results": write_csv(table, out / "results.csv"), "report": write_markdown(table, summaries, out / "report.md", plot),
-            "pareto": plot, "summaries": summaries, "rows": table, "records": [r for _, r in records]}
+    plots = {}
+    for i, (task, model) in enumerate(groups(table)):
+        name = "pareto.png" if i == 0 else f"pareto-{_slug(task)}-{_slug(model)}.png"
+        plots[(task, model)] = plot_pareto([s for s in summaries if (s.task, s.model) == (task, model)], out / name,
+                                           title=f"{task} / {model}: accuracy against cost "
+                                           "(baseline: black star; mean ± std over seeds)")
+    plot = next(iter(plots.values()))
+    return {"results": write_csv(table, out / "results.csv"), "report": write_markdown(table, summaries, out / "report.md", plots),
+            "pareto": plot, "pareto_all": list(plots.values()), "summaries": summaries, "rows": table,
+            "records": [r for _, r in records]}
+
+
+def _slug(text) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(text)).strip("_") or "none"

@@ -64,10 +64,19 @@ def test_time_budget_stops_at_the_first_step_past_it(trainer_factory):
     assert record.cost["phases_s"]["methods"] >= 0.02 * record.steps
 
 
+class MemoryHog(Method):
+    """Holds 64 MiB (touched, so resident) from the end of step 3 on."""
+    name = "hog"
+
+    def after_step(self, state):
+        if state.step == 3:
+            self.block = torch.ones(16 * 2**20)
+
+
 @pytest.mark.parametrize("kind,budget", [("flops", Budget(flops=1e6)), ("energy", Budget(energy_j=1e-5)),
-                                         ("mem", Budget(peak_mem_mb=1.0))])
+                                         ("mem", Budget(peak_mem_mb=32.0))])
 def test_other_budgets_stop_at_the_first_step_past_them(trainer_factory, kind, budget):
-    record = trainer_factory(budget=budget).fit(epochs=20)
+    record = trainer_factory(budget=budget, methods=[MemoryHog()] if kind == "mem" else []).fit(epochs=20)
     assert record.stopped_by == f"budget:{kind}"
     per_step = record.cost["flops"] / record.steps
     if kind == "flops":
@@ -75,7 +84,11 @@ def test_other_budgets_stop_at_the_first_step_past_them(trainer_factory, kind, b
     if kind == "energy":
         assert record.cost["energy_j"] >= 1e-5 > record.cost["energy_j"] * (record.steps - 1) / record.steps
     if kind == "mem":
-        assert record.steps == 1  # the process's peak is far above 1 MiB from the start
+        # On CPU the budget reads memory added by training (the process held far more than 32 MiB
+        # before fit): the tiny model stays under it until the hog's 64 MiB arrive at step 3.
+        assert record.steps == 3 and record.cost["peak_mem_added_mb"] >= 64
+        assert record.cost["peak_mem_mb"] - record.cost["peak_mem_added_mb"] == pytest.approx(
+            record.cost["mem_start_mb"], abs=1.0)
 
 
 def test_nonfinite_loss_stops_before_the_update_and_keeps_the_record(trainer_factory, tmp_path):
