@@ -59,7 +59,8 @@ def test_time_budget_stops_at_the_first_step_past_it(trainer_factory):
     rec = Recorder(sleep_s=0.02)  # each step takes at least 20 ms, charged to the methods phase
     record = trainer_factory(methods=[rec], budget=Budget(time_s=0.15)).fit(epochs=50)
     assert record.stopped_by == "budget:time"
-    assert rec.train_s[-1] >= 0.15 > rec.train_s[-2]  # stopped within one step
+    assert rec.train_s[-1] >= 0.15  # stopped at the first step past the budget (on a loaded machine, the first)
+    assert len(rec.train_s) == 1 or rec.train_s[-2] < 0.15
     assert record.steps == len(rec.train_s)
     assert record.cost["phases_s"]["methods"] >= 0.02 * record.steps
 
