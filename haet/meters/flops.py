@@ -133,6 +133,11 @@ def _sparse_mm_flop(a, b, *args, out_val=None, **kwargs) -> int:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1]
 
 
+def _sparse_addmm_flop(bias, a, b, *args, out_val=None, **kwargs) -> int:
+    """aten._sparse_addmm / aten.addmm (bias + a @ b): the product's multiply-adds, as for mm."""
+    return _sparse_mm_flop(a, b)
+
+
 def _sparse_reduce_flop(a, b, *args, out_val=None, **kwargs) -> int:
     """aten._sparse_mm_reduce_impl(_backward): one operation per nonzero per output column."""
     return a._nnz() * b.shape[-1]
@@ -140,8 +145,11 @@ def _sparse_reduce_flop(a, b, *args, out_val=None, **kwargs) -> int:
 
 _sparse_mm_flop._get_raw = True
 _sparse_reduce_flop._get_raw = True
-SPARSE_AWARE = {torch.ops.aten.mm: _sparse_mm_flop, torch.ops.aten._sparse_mm_reduce_impl: _sparse_reduce_flop,
-                torch.ops.aten._sparse_mm_reduce_impl_backward: _sparse_reduce_flop}
+_sparse_addmm_flop._get_raw = True
+aten = torch.ops.aten
+SPARSE_AWARE = {aten.mm: _sparse_mm_flop, aten.addmm: _sparse_addmm_flop, aten._sparse_addmm: _sparse_addmm_flop,
+                aten._sparse_mm_reduce_impl: _sparse_reduce_flop,
+                aten._sparse_mm_reduce_impl_backward: _sparse_reduce_flop}
 
 
 def _module_totals(counter: FlopCounterMode) -> dict[str, float]:

@@ -42,12 +42,11 @@ def test_egc_saved_activations_grow_with_nodes_not_edges():
 
 
 def test_egc_accuracy_on_sbm_and_karate():
-    # Seed 0 reaches 0.84 on sbm (the default graph: 2,000 nodes, half of the edges across blocks,
-    # features at noise 3) and 0.80 on karate; chance is 0.2 and 0.25.
-    sbm = fit("sbm", "egc-s", 100)
-    assert sbm.metrics["accuracy"] >= 0.75, sbm.metrics
-    assert sbm.metrics["graph/val_accuracy"] >= 0.75, sbm.metrics
-    karate = fit("karate", "egc-s", 200, lr=0.01)
+    # Seed 0 reaches 0.85 on sbm:nodes=600 (half of the edges across blocks, features at noise 3;
+    # 120 test nodes) and 0.83 on karate (30 test members); chance is 0.2 and 0.25.
+    sbm = fit("sbm:nodes=600", "egc-s", 40, lr=0.01)
+    assert sbm.metrics["accuracy"] >= 0.7 and sbm.metrics["graph/val_accuracy"] >= 0.7, sbm.metrics
+    karate = fit("karate", "egc-s", 100, lr=0.01)
     assert karate.metrics["accuracy"] >= 0.7, karate.metrics
 
 
@@ -96,8 +95,8 @@ def test_flops_meter_counts_sparse_products_by_nonzeros():
     adj = graph_input(torch.randn(40, 8), torch.randint(0, 40, (2, 200)))["adj"]
     x = torch.randn(40, 8, requires_grad=True)
     with FlopCounterMode(display=False, custom_mapping=SPARSE_AWARE) as counter:
-        (adj @ x).sum().backward()
-    assert counter.get_total_flops() == 2 * (2 * adj._nnz() * 8)  # forward and input gradient, not 2·V·V·F
+        ((adj @ x).sum() + torch.sparse.mm(adj, x).sum()).backward()
+    assert counter.get_total_flops() == 4 * (2 * adj._nnz() * 8)  # forwards and input gradients, not 2·V·V·F
     # In a run: GCN's two layers cost 8·nnz·hidden in propagation per step (forward + backward),
     # the rest does not depend on the edges.
     runs = {d: fit(f"sbm:nodes=500,degree={d}", "gcn", 1) for d in (5, 20)}
