@@ -1,6 +1,7 @@
 """EGC against GCN, GAT, GATv2 and GIN: training memory and step time as graphs grow, fusion cost, accuracy.
 
-    flock /tmp/haet-cpu.lock python benchmarks/egc.py [--repeats 7] [--seeds 3] [--epochs 100] [--quick]
+    flock /tmp/haet-cpu.lock python benchmarks/egc.py [--repeats 7] [--seeds 3] [--epochs 100]
+        [--parts memory,fusion,accuracy] [--quick]
 
 Targets from the paper (Tailor et al., HAET 2021): EGC's memory is O(V), not O(E); fusing
 several aggregators costs +19% latency over one plain sparse product. Every model is built by
@@ -223,6 +224,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--plot", default="docs/egc_memory.png")
+    p.add_argument("--parts", default="memory,fusion,accuracy", help="which parts to run (comma-separated)")
     p.add_argument("--quick", action="store_true", help="small sizes, 1 seed: a smoke run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,11 +234,15 @@ def main() -> None:
     else:
         edge_sizes = [(2000, d) for d in (5, 10, 20, 40, 80)]
         node_sizes = [(n, 10) for n in (1000, 2000, 4000, 8000)]
-    edge_rows = sweep("edges grow, nodes fixed", edge_sizes, args.repeats)
-    node_rows = sweep("nodes grow, degree fixed", node_sizes, args.repeats)
-    plot(edge_rows, node_rows, Path(args.plot))
-    fusion(args.repeats)
-    accuracy(args.seeds, args.epochs)
+    parts = set(args.parts.split(","))
+    if "memory" in parts:
+        edge_rows = sweep("edges grow, nodes fixed", edge_sizes, args.repeats)
+        node_rows = sweep("nodes grow, degree fixed", node_sizes, args.repeats)
+        plot(edge_rows, node_rows, Path(args.plot))
+    if "fusion" in parts:
+        fusion(args.repeats)
+    if "accuracy" in parts:
+        accuracy(args.seeds, args.epochs)
     print(f"\nload average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -42,8 +42,8 @@ def test_egc_saved_activations_grow_with_nodes_not_edges():
 
 
 def test_egc_accuracy_on_sbm_and_karate():
-    # Seed 0 reaches 0.85 on sbm:nodes=600 (half of the edges across blocks, features at noise 3;
-    # 120 test nodes) and 0.83 on karate (30 test members); chance is 0.2 and 0.25.
+    # Seed 0 reaches 0.87 (val 0.83) on sbm:nodes=600 (half of the edges across blocks, features at
+    # noise 3; 120 test nodes) and 0.77 on karate (30 test members); chance is 0.2 and 0.25.
     sbm = fit("sbm:nodes=600", "egc-s", 40, lr=0.01)
     assert sbm.metrics["accuracy"] >= 0.7 and sbm.metrics["graph/val_accuracy"] >= 0.7, sbm.metrics
     karate = fit("karate", "egc-s", 100, lr=0.01)
