@@ -116,3 +116,11 @@ def test_cli_train_and_bench_on_graph_tasks(tmp_path, capsys):
                  "--epochs", "2", "--out", str(bench), "--quiet"]) == 0
     record = json.loads(next((bench / "runs").rglob("record.json")).read_text())
     assert record["task"] == "sbm:nodes=300,degree=8.0" and "accuracy" in record["metrics"]
+
+
+def test_without_torch_geometric_one_line_names_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torch_geometric", None)  # import now raises ImportError
+    assert main(["train", "--task", "karate", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'haet[graph]'" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
