@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..core.config import parse_params
 from ..core.errors import ConfigError, choices_error
 from .cifar10 import load_cifar10
 from .loader import TensorData
@@ -35,6 +36,10 @@ class Task:
     loss_fn: Callable | None = None
     #: ``eval_fn(model, eval_data, device) -> dict`` of metrics; None = accuracy and loss.
     eval_fn: Callable | None = None
+    #: A frozen dataclass of the task's parameters (``name:k=v,...`` on the command line); None = none.
+    params: type | None = None
+    #: ``configure(params) -> Task``: the task for those parameters (with `params`).
+    configure: Callable | None = None
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, n_train: int) -> tuple[TensorData, TensorData]:
@@ -99,10 +104,34 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
+def _register_graph_tasks() -> None:
+    from ..graph.tasks import graph_tasks  # torch_geometric is imported only when a graph task loads
+
+    TASKS.update((t.name, t) for t in graph_tasks())
+
+
+_register_graph_tasks()
+
+
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise choices_error("task", name, TASKS)
-    return TASKS[name]
+    """A task by name; ``name:k=v,k=v`` sets the parameters of a task that declares them."""
+    base, sep, rest = name.partition(":")
+    if base not in TASKS:
+        raise choices_error("task", base, TASKS)
+    task = TASKS[base]
+    if not sep:
+        return task
+    if task.params is None:
+        raise ConfigError(f"task {base} takes no parameters, got {rest!r}")
+    raw: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"bad parameter {item!r} for task {base}; write {base}:key=value,key=value")
+        if key.strip() in raw:
+            raise ConfigError(f"parameter {key.strip()!r} given twice for task {base}")
+        raw[key.strip()] = value.strip()
+    return task.configure(parse_params(task.params, raw, owner=f"task {base}"))
 
 
 def check_model_for_task(task: Task, model: str | None) -> str:

@@ -4,6 +4,9 @@ A step is counted (forward + backward, the methods' work between them included; 
 accumulation, each micro-batch) the first time its signature appears (`step_signature`: input shapes, model version, arithmetic); every later
 step with that signature adds the same count. The counter sees matrix products and convolutions
 (the ops that dominate training); elementwise work and the optimizer update are not counted.
+A product with a sparse operand counts its nonzeros (2·nnz·N multiply-adds; nnz·N for a
+max/mean sparse reduction and for its backward), not the dense shape the counter would assume;
+gathers and scatters (message passing over ``edge_index``) are not counted.
 Work a method does outside the step (a selection pass, say) is charged by the method to the
 state's cost ledger (``state.charge(flops=..., dtype=...)``); this meter reads the ledger and
 adds it to what it counted, never the other way round.
@@ -63,7 +66,7 @@ class FlopsMeter(Meter):
     def batch_start(self, state) -> None:
         self._sig = sig = step_signature(state)
         if sig not in self.per_step:
-            self._counter = FlopCounterMode(display=False)
+            self._counter = FlopCounterMode(display=False, custom_mapping=SPARSE_AWARE)
             self._counter.__enter__()
 
     def after_forward(self, state) -> None:
@@ -117,6 +120,35 @@ class FlopsMeter(Meter):
     def load_state_dict(self, state_dict: dict) -> None:
         self.total = state_dict["total"]
         self.by_dtype = dict(state_dict["by_dtype"])
+
+
+def _sparse_mm_flop(a, b, *args, out_val=None, **kwargs) -> int:
+    """aten.mm: with a sparse operand, 2·nnz·N multiply-adds (the counter's default is the dense
+    2·M·K·N, which overcounts a graph adjacency by V / degree)."""
+    if a.layout != torch.strided:
+        return 2 * a._nnz() * b.shape[-1]
+    if b.layout != torch.strided:
+        return 2 * b._nnz() * a.shape[0]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _sparse_addmm_flop(bias, a, b, *args, out_val=None, **kwargs) -> int:
+    """aten._sparse_addmm / aten.addmm (bias + a @ b): the product's multiply-adds, as for mm."""
+    return _sparse_mm_flop(a, b)
+
+
+def _sparse_reduce_flop(a, b, *args, out_val=None, **kwargs) -> int:
+    """aten._sparse_mm_reduce_impl(_backward): one operation per nonzero per output column."""
+    return a._nnz() * b.shape[-1]
+
+
+_sparse_mm_flop._get_raw = True
+_sparse_reduce_flop._get_raw = True
+_sparse_addmm_flop._get_raw = True
+aten = torch.ops.aten
+SPARSE_AWARE = {aten.mm: _sparse_mm_flop, aten.addmm: _sparse_addmm_flop, aten._sparse_addmm: _sparse_addmm_flop,
+                aten._sparse_mm_reduce_impl: _sparse_reduce_flop,
+                aten._sparse_mm_reduce_impl_backward: _sparse_reduce_flop}
 
 
 def _module_totals(counter: FlopCounterMode) -> dict[str, float]:

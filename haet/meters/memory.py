@@ -93,10 +93,10 @@ class MemoryMeter(Meter):
         saved = self._saved
 
         def pack(t):
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr not in params:
-                saved[ptr] = storage.nbytes()
+            for storage in _storages(t):
+                ptr = storage.data_ptr()
+                if ptr not in params:
+                    saved[ptr] = storage.nbytes()
             return t
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -155,6 +155,23 @@ class MemoryMeter(Meter):
         self.breakdown.update(state_dict["breakdown"])
         self.bytes_moved = state_dict["bytes_moved"]
         self.peak_mb = state_dict["peak_mb"]
+
+
+def _storages(t: torch.Tensor) -> list:
+    """The storages behind a tensor: one for a dense tensor; indices and values for a sparse one
+    (a sparse tensor has no storage of its own)."""
+    layout = t.layout
+    if layout == torch.strided:
+        return [t.untyped_storage()]
+    if layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.crow_indices(), t.col_indices(), t.values())
+    elif layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = (t.ccol_indices(), t.row_indices(), t.values())
+    elif layout == torch.sparse_coo:
+        parts = (t._indices(), t._values())
+    else:
+        return []
+    return [p.untyped_storage() for p in parts]
 
 
 _HWM = re.compile(rb"VmHWM:\s+(\d+)\s*kB")

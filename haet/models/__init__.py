@@ -107,3 +107,12 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     if name not in MODELS:
         raise choices_error("model", name, MODELS)
     return MODELS[name][0](tuple(input_shape), num_classes)
+
+
+def _register_graph_models() -> None:
+    from ..graph.models import GRAPH_MODELS  # torch_geometric is imported only when one is built
+
+    MODELS.update(GRAPH_MODELS)
+
+
+_register_graph_models()
