@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -152,9 +153,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-pruning", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    sys.stdout.reconfigure(line_buffering=True)  # a long run on a shared machine: show each line as it comes
+    torch.set_num_threads(args.threads)
     hw = hardware_info(torch.device("cpu"))
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -163,7 +167,8 @@ def main() -> None:
           f"git {rev or 'unknown'}, load average {load} at start (shared machine: times are indicative)")
     if not args.skip_pruning:
         run_pruning(args)
-    projection_timing(args)
+    if not args.skip_timing:
+        projection_timing(args)
     print(f"# load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 
