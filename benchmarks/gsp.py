@@ -1,11 +1,19 @@
-"""Grouped sparse projection against dense training on mnist5k, and the projection's cost by size.
+"""Grouped sparse projection against magnitude pruning at the same zeros, and the projection's cost by size.
 
-    flock /tmp/haet-cpu.lock python benchmarks/gsp.py [--seeds 3] [--epochs 8] [--out runs/bench-gsp]
+    flock /tmp/haet-cpu.lock python benchmarks/gsp.py [--models mnist5k-cnn,mlp,resnet8] [--targets 0.8,0.9]
+                                                      [--seeds 2] [--epochs 6]
 
-Part 1 drives `haet bench` (baseline, gsp at target 0.8 and 0.9: filters of each layer projected
-after every step and before each evaluation) and prints its table, then per layer the mean Hoyer
-sparsity of the filters and the fraction of exact zeros left by the projection's threshold, and
-the accuracy against dense (mean over seeds).
+Part 1, per model on mnist5k (Adam 1e-3, batch 64), per seed, interleaved in one process:
+- dense: plain training;
+- gsp:target=T: the paper's schedule (a projection after every step, a final projection at the
+  start of the fine-tuning epochs, then fine-tuning with the zeros fixed; `finetune` 0.25 of the
+  epochs, haet's defaults);
+- magnitude: dense training for the same epochs before the fine-tuning phase, then each layer
+  pruned to exactly as many zeros as gsp left in that layer (smallest |w|, torch.nn.utils.prune),
+  then the same fine-tuning with the zeros fixed. Same zero fraction per layer, same step count:
+  only the choice of the zeros differs.
+It prints accuracy against the fraction of exact zeros (mean over seeds, per-seed values) and
+the difference gsp − magnitude.
 Part 2 times `grouped_sparse_projection` on random matrices of 10^5 to 1.6x10^7 entries
 (interleaved, after a warm-up; median of repeats) and prints time per entry and the ratio of times
 against the ratio of sizes: linear time means the two ratios agree (up to cache effects).
@@ -15,51 +23,101 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.utils import prune
 
+import haet
 from haet.core.record import hardware_info
-from haet.methods.gsp import grouped_sparse_projection, hoyer_sparsity
+from haet.data import get_task
+from haet.methods.gsp import GroupedSparseProjection, grouped_sparse_projection, hoyer_sparsity, sparse_layers
+from haet.models import build_model
 
-TARGETS = (0.8, 0.9)
-LAYERS = {"0": "conv1 16x(1x3x3)", "3": "conv2 32x(16x3x3)", "7": "linear 10x1568"}
+
+class MagnitudePrune(haet.Method):
+    """At the start of epoch `at`, zero the `counts[name]` smallest-magnitude weights of each layer
+    and keep them zero (torch's pruning reparametrization masks the weight and its gradient)."""
+
+    name = "magnitude"
+
+    def __init__(self, at: int, counts: dict[str, int]) -> None:
+        super().__init__()
+        self.at, self.counts = at, counts
+
+    def epoch_start(self, state) -> None:
+        if state.epoch == self.at:
+            for name, module in sparse_layers(state.unwrapped_model):
+                prune.l1_unstructured(module, "weight", amount=self.counts[name])
+            state.model_version += 1
+
+    def fit_end(self, state) -> None:
+        for _, module in sparse_layers(state.unwrapped_model):
+            if prune.is_pruned(module):
+                prune.remove(module, "weight")  # exact zeros in a plain weight
 
 
-def run_bench(args) -> None:
-    labels = [f"gsp:target={t}" for t in TARGETS]
-    cmd = [sys.executable, "-m", "haet", "bench", "--task", "mnist5k", "--methods", ",".join(["baseline", *labels]),
-           "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--out", args.out, "--overwrite"]
-    print(f"$ haet bench --task mnist5k --methods baseline,{','.join(labels)} --seeds {args.seeds} "
-          f"--epochs {args.epochs}")
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
-    print(result.stdout)
-    if result.returncode != 0:
-        sys.exit(f"haet bench failed with exit code {result.returncode}")
-    records: dict[str, list] = {}
-    for path in sorted(Path(args.out, "runs").rglob("record.json")):
-        r = json.loads(path.read_text())
-        records.setdefault(r.get("label") or "baseline", []).append(r)
-    base_acc = statistics.mean(r["metrics"]["accuracy"] for r in records["baseline"])
-    print(f"dense accuracy {base_acc:.4f}")
-    print(f"{'run':18s} {'layer':20s} {'Hoyer':>6s} {'zeros':>6s}")
-    for label in labels:
-        rs = records[label]
-        for key, name in LAYERS.items():
-            hoyer = statistics.mean(r["method_metrics"][f"gsp/{key}/hoyer"] for r in rs)
-            zeros = statistics.mean(r["method_metrics"][f"gsp/{key}/zero_fraction"] for r in rs)
-            print(f"{label:18s} {name:20s} {hoyer:6.3f} {zeros:6.3f}")
-        zeros_all = [r["method_metrics"]["gsp/zero_fraction"] for r in rs]
-        acc = statistics.mean(r["metrics"]["accuracy"] for r in rs)
-        print(f"{label:18s} {'all weights':20s} {'':6s} {statistics.mean(zeros_all):6.3f}   accuracy {acc:.4f} "
-              f"({100 * (acc - base_acc):+.2f} pt vs dense)")
+def zeros_by_layer(model: nn.Module) -> dict[str, int]:
+    return {name: int((m.weight == 0).sum()) for name, m in sparse_layers(model)}
+
+
+def zero_fraction(model: nn.Module) -> float:
+    layers = sparse_layers(model)
+    return sum(int((m.weight == 0).sum()) for _, m in layers) / sum(m.weight.numel() for _, m in layers)
+
+
+def train(model_name: str, seed: int, epochs: int, data, methods) -> tuple[float, nn.Module, float]:
+    train_data, test_data = data
+    haet.seed_everything(seed)
+    model = build_model(model_name, (1, 28, 28), 10)
+    record = haet.Trainer(model, train_data, test_data, methods=methods, seed=seed, progress=False).fit(epochs)
+    return record.metrics["accuracy"], model, record.cost["train_s"]
+
+
+def run_pruning(args) -> None:
+    targets = [float(t) for t in args.targets.split(",")]
+    tune = round(0.25 * args.epochs)
+    freeze = args.epochs - tune + 1
+    print(f"mnist5k, {args.epochs} epochs, gsp every step then {tune} fine-tuning epochs (from epoch {freeze}); "
+          f"magnitude pruning at epoch {freeze} to gsp's per-layer zero counts, then the same fine-tuning")
+    for model_name in args.models.split(","):
+        rows: dict[str, list] = {}
+        for seed in range(args.seeds):
+            data = get_task("mnist5k").load(seed, None)
+            acc, model, secs = train(model_name, seed, args.epochs, data, [])
+            rows.setdefault("dense", []).append((acc, zero_fraction(model), None, secs))
+            for t in targets:
+                acc, model, secs = train(model_name, seed, args.epochs, data, [GroupedSparseProjection(target=t)])
+                hoyer = float(torch.cat([hoyer_sparsity(m.weight.reshape(m.weight.shape[0], -1))
+                                         for _, m in sparse_layers(model)]).mean())
+                rows.setdefault(f"gsp:target={t}", []).append((acc, zero_fraction(model), hoyer, secs))
+                counts = zeros_by_layer(model)
+                acc, model, secs = train(model_name, seed, args.epochs, data, [MagnitudePrune(freeze, counts)])
+                assert zeros_by_layer(model) == counts  # the same zeros per layer, exactly
+                rows.setdefault(f"magnitude@{t}", []).append((acc, zero_fraction(model), None, secs))
+        n = sum(m.weight.numel() for _, m in sparse_layers(build_model(model_name, (1, 28, 28), 10)))
+        print(f"\n{model_name} ({n:,} prunable weights), {args.seeds} seeds")
+        print("| run | accuracy (mean) | per seed | exact zeros | Hoyer | train s (median) | Δ vs dense, pt |")
+        print("|---|---|---|---|---|---|---|")
+        dense = statistics.fmean(r[0] for r in rows["dense"])
+        for label, rs in rows.items():
+            acc = statistics.fmean(r[0] for r in rs)
+            hoyer = "" if rs[0][2] is None else f"{statistics.fmean(r[2] for r in rs):.3f}"
+            print(f"| {label} | {acc:.4f} | {', '.join(f'{r[0]:.3f}' for r in rs)} | "
+                  f"{statistics.fmean(r[1] for r in rs):.3f} | {hoyer} | {statistics.median(r[3] for r in rs):.2f} | "
+                  f"{100 * (acc - dense):+.2f} |")
+        for t in targets:
+            g = statistics.fmean(r[0] for r in rows[f"gsp:target={t}"])
+            m = statistics.fmean(r[0] for r in rows[f"magnitude@{t}"])
+            print(f"{model_name} target {t}: gsp {g:.4f} vs magnitude {m:.4f} at "
+                  f"{statistics.fmean(r[1] for r in rows[f'gsp:target={t}']):.3f} zeros: {100 * (g - m):+.2f} pt; "
+                  f"vs dense {100 * (g - dense):+.2f} pt")
 
 
 def projection_timing(args) -> None:
@@ -90,18 +148,28 @@ def projection_timing(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--models", default="mnist5k-cnn,mlp,resnet8")
+    p.add_argument("--targets", default="0.8,0.9")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default="runs/bench-gsp")
-    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-pruning", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    sys.stdout.reconfigure(line_buffering=True)  # a long run on a shared machine: show each line as it comes
+    torch.set_num_threads(args.threads)
     hw = hardware_info(torch.device("cpu"))
-    print(f"date {datetime.date.today().isoformat()}, cpu {hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}")
-    if not args.skip_bench:
-        run_bench(args)
-    projection_timing(args)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"# benchmarks/gsp.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {hw['cpu']}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"git {rev or 'unknown'}, load average {load} at start (shared machine: times are indicative)")
+    if not args.skip_pruning:
+        run_pruning(args)
+    if not args.skip_timing:
+        projection_timing(args)
+    print(f"# load average {', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

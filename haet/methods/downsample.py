@@ -10,6 +10,13 @@ the weights, so the gradients of the pooled kernels flow back to the full-size w
 optimizer updates them all. The other batches are untouched: they run the model's original
 layers, bit for bit.
 
+Degenerate settings are refused (ConfigError): a low-resolution input smaller than
+``MIN_LOW_RES_SIDE`` samples per spatial side (28×28 at factor 8 is 4×4: after a reference trunk's
+two 2× poolings nothing of the image is left), and schedules in which every training step is
+low-resolution (``every=1`` with ``until`` covering every epoch), since the model is evaluated at
+full resolution and would never be trained there; also ``until`` so small that no epoch
+downsamples.
+
 Supported models: 1-D or 2-D convolutional trunks (zero padding, no dilation) that end in global
 pooling, or in an ``nn.Flatten`` (whose input is scaled back to its full-resolution size, nearest
 neighbour, so a flatten→linear head such as mnist5k-cnn's keeps working). Anything else is
@@ -19,8 +26,9 @@ refused when the method is applied, naming the layer (`apply_downsample` probes 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -32,6 +40,11 @@ from ..core.surgery import replace_modules
 from ..data.loader import TensorData
 from . import _downsample_ops as ops
 from ._downsample_ops import LowRes, downsample_input, pool_kernel
+
+#: Smallest side (in samples) of a low-resolution input: 8 still leaves a 2×2 map after the two 2×
+#: poolings of the reference CNNs (mnist5k-cnn, resnet8); below it the low-res batches learn nothing
+#: of the images' shapes.
+MIN_LOW_RES_SIDE = 8
 
 __all__ = ["DownsampleConfig", "apply_downsample", "remove_downsample", "low_resolution", "downsample_input",
            "pool_kernel", "Downsample"]
@@ -49,19 +62,27 @@ class DownsampleConfig:
         check_range("factor", self.factor, 2, 8, integer=True)
         check_choice("kernel", self.kernel, ("avg", "none"))
         check_range("until", self.until, 0, 1, lo_open=True)
+        if self.every == 1 and self.until == 1:
+            raise ConfigError("every=1 with until=1 runs every training step at low resolution and never at full "
+                              "resolution, where the model is evaluated; allowed: every >= 2, or until < 1")
 
 
-def apply_downsample(model: nn.Module, example_input: torch.Tensor | None = None, *, kernel: str = "avg",
-                     factor: int = 2,
-                     optimizer: torch.optim.Optimizer | None = None, state=None) -> LowRes:
+def apply_downsample(model: nn.Module, config: DownsampleConfig | None = None, *,
+                     optimizer: torch.optim.Optimizer | None = None,
+                     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+                     example_input: torch.Tensor | None = None) -> LowRes:
     """Make `model` able to run at low resolution; return the switch (``switch.set(f)`` on,
-    ``switch.set(0)`` off; or use `low_resolution`). Convolutions and flatten layers are swapped for
-    subclasses that share their parameters (the optimizer needs no change, names in the state
-    dict stay the same). `example_input` (a few full-resolution samples) is run once at both
-    resolutions: a layer that fails at low resolution raises ConfigError naming it, and so does an
-    output whose shape changes. Without it nothing is checked, and a flatten head learns its
-    full-resolution size from the first regular forward pass.
+    ``switch.set(0)`` off; or use `low_resolution`). Convolutions and flatten layers (those
+    `filter_fn(name, module)` accepts; a convolution left out runs its full kernel on the small
+    input) are swapped for subclasses that share their parameters (the optimizer needs no change,
+    names in the state dict stay the same). `example_input` (a few full-resolution samples) is
+    checked against ``MIN_LOW_RES_SIDE`` at ``config.factor`` and run once at both resolutions: a
+    layer that fails at low resolution raises ConfigError naming it, and so does an output whose
+    shape changes. Without it nothing is checked, and a flatten head learns its full-resolution
+    size from the first regular forward pass.
     """
+    config = config or DownsampleConfig()
+    kernel, factor = config.kernel, config.factor
     check_choice("kernel", kernel, ("avg", "none"))
     lowres = LowRes(kernel, [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
     for name, module in model.named_modules():
@@ -75,20 +96,24 @@ def apply_downsample(model: nn.Module, example_input: torch.Tensor | None = None
     if not any(type(m) in (nn.Conv1d, nn.Conv2d) for m in model.modules()):
         raise ConfigError(f"downsample needs a convolutional model; {type(model).__name__} has no Conv1d/Conv2d layer")
 
+    if example_input is not None:
+        _check_low_res_size(tuple(example_input.shape[2:]), factor)
+
     def make(name: str, module: nn.Module):
         cls = ops.LOW_RES_CLASSES.get(type(module))
-        return ops.adopt(module, cls, lowres) if cls is not None else None
+        keep = cls is not None and (filter_fn is None or filter_fn(name, module))
+        return ops.adopt(module, cls, lowres) if keep else None
 
-    replace_modules(model, optimizer, make, what="downsample", state=state)
+    replace_modules(model, optimizer, make, what="downsample")
     if example_input is not None:
         _probe(model, example_input, lowres, factor)
     return lowres
 
 
-def remove_downsample(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, state=None) -> None:
+def remove_downsample(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Swap the low-resolution layers back to plain ones (same parameters)."""
     replace_modules(model, optimizer, lambda n, m: ops.restore(m) if type(m) in ops.LOW_RES_CLASSES.values()
-                    else None, what="remove_downsample", state=state)
+                    else None, what="remove_downsample")
 
 
 @contextlib.contextmanager
@@ -119,10 +144,18 @@ class Downsample(Method):
         self.flops_per_sample: tuple[float, float] = (0.0, 0.0)  # (full, low) forward+backward
 
     def fit_start(self, state) -> None:
-        model = state.unwrapped_model
+        c, model = self.config, state.unwrapped_model
+        low_epochs = round(c.until * state.epochs)
+        if c.every == 1 and low_epochs >= state.epochs:
+            raise ConfigError(f"downsample: every=1 with until={c.until} runs every step of all {state.epochs} epochs "
+                              "at low resolution and never at full resolution, where the model is evaluated; allowed: "
+                              "every >= 2, or an until that leaves full-resolution epochs")
+        if low_epochs == 0:
+            raise ConfigError(f"downsample: until={c.until} of {state.epochs} epochs rounds to 0 epochs, so no batch "
+                              f"would run at low resolution; allowed: until >= {0.5 / state.epochs:.3g}")
         example = _example_input(state.train_data).to(state.device)
-        self.lowres = apply_downsample(model, example, kernel=self.config.kernel, factor=self.config.factor,
-                                       optimizer=state.optimizer, state=state)
+        self.lowres = apply_downsample(model, c, optimizer=state.optimizer, example_input=example)
+        state.model_version += 1
         self.flops_per_sample = _flops_per_sample(model, example, self.lowres, self.config.factor)
 
     def batch_start(self, state) -> None:
@@ -158,6 +191,16 @@ class Downsample(Method):
 
 
 # -- private helpers -------------------------------------------------------------------------
+def _check_low_res_size(spatial: tuple[int, ...], factor: int) -> None:
+    low = tuple(math.ceil(n / factor) for n in spatial)  # downsample_input pools with ceil_mode
+    if min(low, default=MIN_LOW_RES_SIDE) < MIN_LOW_RES_SIDE:
+        fits = [f for f in range(2, 9) if math.ceil(min(spatial) / f) >= MIN_LOW_RES_SIDE]
+        allowed = f"2..{max(fits)}" if fits else "none (the input is too small to downsample)"
+        raise ConfigError(f"downsample: factor={factor} turns {'×'.join(map(str, spatial))} inputs into "
+                          f"{'×'.join(map(str, low))}; a low-resolution input must keep at least {MIN_LOW_RES_SIDE} "
+                          f"samples per side. Allowed factors for this input: {allowed}")
+
+
 def _example_input(data) -> torch.Tensor:
     """Two full-resolution samples of the training data."""
     if isinstance(data, TensorData):

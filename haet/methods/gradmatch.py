@@ -32,11 +32,11 @@ from . import _gradmatch_ops as ops
 
 @dataclass(frozen=True)
 class GradMatchConfig:
-    fraction: float = 0.3        # share of the training samples kept at each selection, in (0, 1]
+    fraction: float = 0.3        # share of the training samples kept at each selection, in (0, 1): 1 would keep all
     select_every: int = 5        # epochs between selections; a CPU selection costs ~20-30% of an epoch
     warm_fraction: float = 0.0   # share of the epochs trained on all data before the first selection
     per_batch: bool = False      # select whole mini-batches (GRAD-MATCH-PB): coarser, much cheaper OMP
-    lam: float = 0.5             # ridge weight λ, relative to the mean squared gradient norm of a pool
+    lam: float = 0.5             # ridge weight, × a pool's mean squared per-sample gradient norm (CORDS's λ is absolute)
     target: Literal["train", "valid"] = "train"  # match the training gradient or a held-out one
     valid_fraction: float = 0.1  # with target="valid": share of the training data held out as target
     #: arithmetic of the selection's forward pass; "auto": bfloat16 where the hardware has it (AVX512-BF16
@@ -44,7 +44,7 @@ class GradMatchConfig:
     selection_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
-        check_range("fraction", self.fraction, 0, 1, lo_open=True)
+        _check_fraction("gradmatch", self.fraction)
         check_range("select_every", self.select_every, 1, None, integer=True)
         check_range("warm_fraction", self.warm_fraction, 0, 1, hi_open=True)
         check_choice("per_batch", self.per_batch, (True, False))
@@ -56,11 +56,11 @@ class GradMatchConfig:
 
 @dataclass(frozen=True)
 class RandomSubsetConfig:
-    fraction: float = 0.3        # share of the training samples kept at each selection, in (0, 1]
+    fraction: float = 0.3        # share of the training samples kept at each selection, in (0, 1): 1 would keep all
     select_every: int = 5        # epochs between fresh draws (the same schedule as gradmatch's)
 
     def __post_init__(self) -> None:
-        check_range("fraction", self.fraction, 0, 1, lo_open=True)
+        _check_fraction("random_subset", self.fraction)
         check_range("select_every", self.select_every, 1, None, integer=True)
 
 
@@ -74,13 +74,20 @@ def grad_match_select(model: nn.Module, data: TensorData | tuple, fraction: floa
     (or of `target_data`, scaled to the same number of samples).
 
     Selection is per class (each class matches its own gradient with its share of the budget;
-    classes larger than `pool_size` are split into random pools). `lam` is relative to the mean
-    squared gradient norm of each pool. `candidates` restricts the choice to those indices of
-    `data`. The forward pass runs in bfloat16 when `bfloat16` (None: where the hardware computes
-    it natively). Returns (indices into `data`, weights), weights summing to about the number of
-    samples they stand for. When `info` is a dict it receives ``match_error``
-    (‖Σwᵢ∇ᵢ − ∇_target‖/‖∇_target‖ over the pools) and ``flops_by_dtype`` (the selection's forward
-    pass in its arithmetic; Gram matrices and OMP in float32).
+    classes larger than `pool_size` are split into random pools). `lam` is relative: the ridge
+    weight of a pool is ``lam · mean ‖∇ᵢ‖²`` over its candidates (CORDS's λ is absolute; see the
+    card). `candidates` restricts the choice to those indices of `data`. The forward pass runs in
+    bfloat16 when `bfloat16` (None: where the hardware computes it natively).
+
+    Returns (indices into `data`, weights). The weights are OMP's non-negative least-squares
+    coefficients: the weighted sum ``Σ wᵢ∇ᵢ`` approximates the target's *summed* gradient, but
+    nothing constrains ``Σ wᵢ`` (the ridge term shrinks it, and a sample pointing along the target
+    gets a large weight); the Trainer divides each batch's weighted loss by its ``Σ wᵢ``, so only
+    the weights' ratios within a batch matter there. When `info` is a dict it receives
+    ``match_error``, ``‖Σwᵢ∇ᵢ − T‖/‖T‖`` against the full target T (the summed last-layer gradient
+    of all candidates, or of `target_data` scaled by candidates/held-out samples; not the per-class
+    pools OMP solves), and ``flops_by_dtype`` (the selection's forward pass in its arithmetic;
+    Gram matrices, OMP and the error in float32).
     """
     x, y = (data.x, data.y) if isinstance(data, TensorData) else data
     if candidates is None:
@@ -106,10 +113,12 @@ def grad_match_select(model: nn.Module, data: TensorData | tuple, fraction: floa
         flops = ops.gram_flops(pools, H.shape[1], G.shape[1])
     if target_data is None:  # each pool matches its own summed gradient T: ⟨∇ᵢ, T⟩ = Σⱼ Kᵢⱼ
         c, bb = K.sum(2), K.sum((1, 2))
+        full_target = G.T @ H                                   # Σᵢ gᵢ h̃ᵢᵀ over all candidates
     else:
         sizes = torch.tensor([len(H)]) if per_batch else (pools >= 0).sum(1)
         pool_labels = None if per_batch or labels is None else labels[pools[:, 0]]
-        M, valid_flops = _valid_targets(model, target_data, pool_labels, sizes, loss_fn, device, bfloat16)
+        M, full_target, valid_flops = _valid_targets(model, target_data, pool_labels, sizes, len(H), loss_fn,
+                                                     device, bfloat16)
         c = (A @ M[0].flatten())[None] if per_batch else (torch.bmm(Gp, M) * Hp).sum(-1)
         bb = (M * M).sum((1, 2))
         forward_flops += valid_flops
@@ -117,20 +126,30 @@ def grad_match_select(model: nn.Module, data: TensorData | tuple, fraction: floa
     n_valid = (diag > 0).sum(1).clamp(min=1)
     lam_abs = lam * diag.sum(1) / n_valid
     sel, w, omp_flops = ops.omp_gram(K, c, budget, lam=lam_abs, valid=diag > 0, bb=bb)
-    if info is not None:
-        quad = torch.einsum("pi,pij,pj->p", w, ops.principal_submatrix(K, sel), w)
-        resid2 = bb - 2 * (w * torch.gather(c, 1, sel.clamp(min=0))).sum(1) + quad
-        info["match_error"] = float(resid2.clamp(min=0).sum().sqrt() / bb.sum().sqrt())
-        forward_dtype = "bfloat16" if bfloat16 else "float32"
-        info["flops_by_dtype"] = {forward_dtype: forward_flops}
-        info["flops_by_dtype"]["float32"] = info["flops_by_dtype"].get("float32", 0.0) + flops + omp_flops
     keep = (sel >= 0) & (w > 0)
     chosen = torch.gather(pools, 1, sel.clamp(min=0))[keep]
     weights = w[keep]
     if per_batch:  # every sample of a chosen batch carries the batch's weight
         weights = weights.repeat_interleave(torch.tensor([len(members[i]) for i in chosen.tolist()]))
         chosen = torch.cat([members[i] for i in chosen.tolist()])
+    if info is not None:  # the error of the whole subset against the whole target, not pool by pool
+        local = chosen.to(H.device)
+        matched = (G[local] * weights.to(G)[:, None]).T @ H[local]
+        info["match_error"] = float((matched - full_target).norm() / full_target.norm().clamp_min(1e-30))
+        error_flops = 2.0 * (len(local) + len(H)) * G.shape[1] * H.shape[1]
+        forward_dtype = "bfloat16" if bfloat16 else "float32"
+        info["flops_by_dtype"] = {forward_dtype: forward_flops}
+        info["flops_by_dtype"]["float32"] = (info["flops_by_dtype"].get("float32", 0.0) + flops + omp_flops
+                                             + error_flops)
     return candidates[chosen.cpu()], weights.float().cpu()
+
+
+def held_out_split(n: int, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded split of ``range(n)`` used with ``target="valid"``: (held-out indices, the rest).
+    The held-out part is matched against and never trained on."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_valid = max(1, round(valid_fraction * n))
+    return order[:n_valid], order[n_valid:]
 
 
 def random_subset_select(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -153,8 +172,12 @@ class _SubsetMethod(Method):
 
     def epoch_start(self, state) -> None:
         warm = round(getattr(self.config, "warm_fraction", 0.0) * state.epochs)
-        if state.epoch <= warm:
-            return  # warm start: all data, as the Trainer set it up
+        if state.epoch <= warm:  # warm start: all the data that may be trained on, unweighted
+            trainable = self._trainable(state)
+            if trainable is not None:
+                state.train_loader = Loader(state.train_data, state.batch_size, seed=state.seed, indices=trainable,
+                                            rank=state.rank, world_size=state.world_size).set_epoch(state.epoch)
+            return
         if self.indices is None or (state.epoch - warm - 1) % self.config.select_every == 0:
             start = time.perf_counter()
             self.indices, self.weights = self._select(state)
@@ -166,6 +189,10 @@ class _SubsetMethod(Method):
 
     def _select(self, state) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
+
+    def _trainable(self, state) -> torch.Tensor | None:
+        """The indices that may be trained on (None: all of the training data)."""
+        return None
 
     def epoch_metrics(self) -> dict:
         return {f"{self.name}/selection_s": self.selection_s,
@@ -206,9 +233,7 @@ class GradMatch(_SubsetMethod):
         cfg, data = self.config, state.train_data
         candidates, target = None, None
         if cfg.target == "valid":
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(state.seed))
-            n_valid = max(1, round(cfg.valid_fraction * len(data)))
-            held, candidates = order[:n_valid], order[n_valid:]
+            held, candidates = held_out_split(len(data), cfg.valid_fraction, state.seed)
             target = (data.x[held], data.y[held])
         info: dict = {}
         idx, w = grad_match_select(state.unwrapped_model, data, cfg.fraction, lam=cfg.lam, per_batch=cfg.per_batch,
@@ -219,6 +244,11 @@ class GradMatch(_SubsetMethod):
             self.selection_flops += flops
             state.charge(flops=flops, dtype=dtype, what="gradmatch/selection")
         return idx, w
+
+    def _trainable(self, state) -> torch.Tensor | None:
+        if self.config.target != "valid":
+            return None
+        return held_out_split(len(state.train_data), self.config.valid_fraction, state.seed)[1]
 
     def epoch_metrics(self) -> dict:
         return {**super().epoch_metrics(), "gradmatch/match_error": self.match_error}
@@ -247,13 +277,21 @@ class RandomSubset(_SubsetMethod):
 
 
 # -- private helpers -------------------------------------------------------------------------
-def _valid_targets(model, target_data, pool_labels, sizes, loss_fn, device, bfloat16):
+def _check_fraction(owner: str, fraction) -> None:
+    if fraction == 1 and not isinstance(fraction, bool):
+        raise ConfigError(f"fraction=1 keeps every sample, so {owner} would only add work to plain training; "
+                          "allowed: a number in (0, 1) (use the baseline for all the data)")
+    check_range("fraction", fraction, 0, 1, lo_open=True, hi_open=True)
+
+
+def _valid_targets(model, target_data, pool_labels, sizes, n_candidates, loss_fn, device, bfloat16):
     """Summed gradients (P, C, d+1) of held-out data: of the pool's class when `pool_labels` is
-    given, else of all of it, scaled to stand for as many samples as each pool (`sizes`)."""
+    given, else of all of it, scaled to stand for as many samples as each pool (`sizes`); and the
+    full target, the summed gradient of all held-out data scaled to `n_candidates` samples."""
     vx, vy = (target_data.x, target_data.y) if isinstance(target_data, TensorData) else target_data
     Hv, Gv, flops = ops.last_layer_features(model, vx.to(device), vy.to(device), loss_fn, bfloat16=bfloat16)
     out = []
     for p, size in enumerate(sizes.tolist()):
         mask = torch.ones(len(Hv), dtype=torch.bool) if pool_labels is None else vy.cpu() == pool_labels[p]
         out.append((Gv[mask.to(Hv.device)].T @ Hv[mask.to(Hv.device)]) * (size / max(1, int(mask.sum()))))
-    return torch.stack(out), flops
+    return torch.stack(out), (Gv.T @ Hv) * (n_candidates / len(Hv)), flops

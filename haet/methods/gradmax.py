@@ -21,7 +21,6 @@ Functional form::
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -56,12 +55,13 @@ class GradMaxConfig:
 
 def grow(model: nn.Module, layer: str, k: int, init: str = "gradmax", batch=None, *,
          loss_fn: Callable = F.cross_entropy, optimizer: torch.optim.Optimizer | None = None, scale: float = 0.5,
-         generator: torch.Generator | None = None, state=None) -> dict:
+         generator: torch.Generator | None = None) -> dict:
     """Add `k` units to `layer` (a qualified module name) and the matching inputs to its consumer.
 
     `batch` (x, y) is needed for ``init="gradmax"``. `optimizer` is kept in step: the new
     parameters take the old ones' places, Adam moments and the like are carried over, new entries
-    are zero. Returns ``{"width", "flops", "singular_values"}`` (the last two for gradmax).
+    are zero. Returns ``{"width", "flops", "singular_values"}`` (the last two for gradmax). Needs no
+    Trainer: a caller that tracks model versions bumps its own after the call.
     """
     check_choice("init", init, ("gradmax", "random", "zeros"))
     pairs = find_pairs(model)
@@ -70,7 +70,7 @@ def grow(model: nn.Module, layer: str, k: int, init: str = "gradmax", batch=None
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"gradmax: k must be a positive integer, got {k!r}")
     pair = pairs[layer]
-    _use_grow_relu(model, [pair], state)
+    _use_grow_relu(model, [pair])
     old, consumer = model.get_submodule(pair.layer), model.get_submodule(pair.consumer)
     units = width(old)
     view = fan_out_view(consumer, units)                       # (out, units, F)
@@ -100,7 +100,7 @@ def grow(model: nn.Module, layer: str, k: int, init: str = "gradmax", batch=None
         fan_in = _random_directions(k, fan_in[0].numel(), generator, fan_in).reshape(fan_in.shape)
         fan_in = fan_in / unit_norms(fan_in, 0).clamp_min(1e-12).reshape(-1, *[1] * (fan_in.dim() - 1)) * in_norm
     new = {pair.layer: widened(old, fan_in), pair.consumer: consumer_widened(consumer, units, pair.spatial, fan_out)}
-    _swap(model, new, optimizer, state, grow_into)
+    _swap(model, new, optimizer, grow_into)
     info["width"] = units + k
     return info
 
@@ -130,19 +130,25 @@ class GradMaxGrowth(Method):
                               "cannot follow; run it on one process")
         self._model, self._optimizer = state.unwrapped_model, state.optimizer
         pairs = find_pairs(self._model)
-        if not pairs:
-            warnings.warn("gradmax: the model has no growable pair of layers (Linear/Conv2d → Linear/Conv2d in an "
-                          "nn.Sequential); training at full width", stacklevel=2)
-            return
+        if not isinstance(self._model, nn.Sequential) or not pairs:
+            # Growth follows the data through a chain of layers; outside an nn.Sequential the chain (and
+            # the shapes it sees, e.g. a Transformer's (batch, seq, d)) is unknown, and with no pair
+            # gradmax would change nothing.
+            raise ConfigError(f"gradmax needs an nn.Sequential model with a growable pair of layers (Linear/Conv2d → "
+                              f"Linear/Conv2d, with only activations, pooling, dropout or one Flatten between); got "
+                              f"{type(self._model).__name__}" + ("" if isinstance(self._model, nn.Sequential)
+                                                                 else " (not an nn.Sequential)")
+                              + ("" if pairs else " with no growable pair"))
         self.full = {name: width(self._model.get_submodule(name)) for name in pairs}
         self.start = {name: max(1, round(self.config.start_width * w)) for name, w in self.full.items()}
-        _use_grow_relu(self._model, list(pairs.values()), state)
-        self._resize(self.start, state)
+        _use_grow_relu(self._model, list(pairs.values()))
+        self._resize(self.start)
+        state.model_version += 1
 
     def batch_end(self, state) -> None:
         c = self.config
-        if state.step > c.grow_until:
-            self._restore_relus(state)
+        if state.step > c.grow_until and self._restore_relus():
+            state.model_version += 1
         if not self.full or state.step % c.grow_every or state.step > c.grow_until:
             return
         event, events = state.step // c.grow_every, c.grow_until // c.grow_every
@@ -151,7 +157,8 @@ class GradMaxGrowth(Method):
             k = target - self.widths[name]
             if k > 0:
                 info = grow(self._model, name, k, c.init, state.batch, loss_fn=state.loss_fn,
-                            optimizer=state.optimizer, scale=c.scale, state=state)
+                            optimizer=state.optimizer, scale=c.scale)
+                state.model_version += 1
                 self.widths[name] = info["width"]
                 self.growth_flops += info["flops"]
                 state.charge(flops=info["flops"], what="gradmax/growth")
@@ -172,20 +179,22 @@ class GradMaxGrowth(Method):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Rebuild the grown structure (fresh values; the model's and optimizer's state load next)."""
-        self._resize(dict(state_dict["widths"]), None)
+        self._resize(dict(state_dict["widths"]))
         self.events, self.growth_flops = state_dict["events"], state_dict["growth_flops"]
         if state_dict["relus_restored"]:
-            self._restore_relus(None)
+            self._restore_relus()
 
-    def _restore_relus(self, state) -> None:
+    def _restore_relus(self) -> bool:
         """After the last growth step, torch's ReLU again: GrowReLU saves its input for backward
-        (ReLU saves its output, which the next pooling saves too), one more activation per layer."""
+        (ReLU saves its output, which the next pooling saves too), one more activation per layer.
+        Returns whether the model changed."""
         if not self._relus_restored and self._model is not None:
             self._relus_restored = True
-            replace_modules(self._model, None, lambda n, m: nn.ReLU(m.inplace) if type(m) is GrowReLU else None,
-                            what="gradmax", state=state)
+            return bool(replace_modules(self._model, None, lambda n, m: nn.ReLU(m.inplace) if type(m) is GrowReLU
+                                        else None, what="gradmax"))
+        return False
 
-    def _resize(self, widths: dict[str, int], state) -> None:
+    def _resize(self, widths: dict[str, int]) -> None:
         """Fresh modules with the given widths for every growable layer and its consumer."""
         model, pairs = self._model, find_pairs(self._model)
         producer = {pair.consumer: pair for pair in pairs.values()}
@@ -197,26 +206,25 @@ class GradMaxGrowth(Method):
             else:
                 in_units, spatial = module.weight.shape[1], 1
             new[name] = make_like(module, in_units, widths.get(name, width(module)), spatial)
-        _swap(model, new, self._optimizer, state, None)
+        _swap(model, new, self._optimizer, None)
         self.widths = dict(widths)
 
 
-def _swap(model: nn.Module, new: dict[str, nn.Module], optimizer, state, transfer) -> None:
+def _swap(model: nn.Module, new: dict[str, nn.Module], optimizer, transfer) -> None:
     """Put the `new` modules in place; each new parameter takes its predecessor's optimizer slot."""
     old = {name: model.get_submodule(name) for name in new}
-    replace_modules(model, None, lambda n, m: new.get(n), what="gradmax", state=state)
+    replace_modules(model, None, lambda n, m: new.get(n), what="gradmax")
     pairs = [(getattr(old[n], attr), getattr(new[n], attr)) for n in new for attr in ("weight", "bias")
              if getattr(old[n], attr) is not None]
     swap_parameters(optimizer, pairs, None if transfer is None else lambda i, v: transfer(v, pairs[i][1].shape))
 
 
-def _use_grow_relu(model: nn.Module, pairs: list, state) -> None:
+def _use_grow_relu(model: nn.Module, pairs: list) -> None:
     """Swap torch ReLUs between grown layers for `GrowReLU` (same forward, derivative 1 at 0): new
     units sit at pre-activation 0, and with derivative 0 there their fan-in would never learn."""
     relus = {b for pair in pairs for b in pair.between if type(model.get_submodule(b)) is nn.ReLU}
     if relus:
-        replace_modules(model, None, lambda n, m: GrowReLU(m.inplace) if n in relus else None, what="gradmax",
-                        state=state)
+        replace_modules(model, None, lambda n, m: GrowReLU(m.inplace) if n in relus else None, what="gradmax")
 
 
 def _random_directions(k: int, p: int, generator, like: torch.Tensor) -> torch.Tensor:

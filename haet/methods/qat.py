@@ -55,9 +55,9 @@ class QATConfig:
         return f"int{max(self.bits_w, self.bits_a)}"
 
 
-def apply_qat(model: nn.Module, config: QATConfig | None = None,
-              filter_fn: Callable[[str, nn.Module], bool] | None = None, *,
-              optimizer: torch.optim.Optimizer | None = None, state=None) -> list[str]:
+def apply_qat(model: nn.Module, config: QATConfig | None = None, *,
+              optimizer: torch.optim.Optimizer | None = None,
+              filter_fn: Callable[[str, nn.Module], bool] | None = None) -> list[str]:
     """Make `model` fake-quantized in place; returns the names of the quantized modules.
 
     `filter_fn(name, module)` may exclude modules (default: every handled one). Parameters are
@@ -73,7 +73,7 @@ def apply_qat(model: nn.Module, config: QATConfig | None = None,
         return quantize_module(module, config.bits_w, config.bits_a, config.scheme, config.per_channel,
                                config.momentum, device)
 
-    names = replace_modules(model, optimizer, make, what="qat", state=state)
+    names = replace_modules(model, optimizer, make, what="qat")
     skipped = [n for n, m in model.named_modules() if isinstance(m, NOT_HANDLED)]
     if skipped:
         warnings.warn(f"qat: these modules are not quantized (type not handled): {', '.join(skipped)}",
@@ -114,7 +114,11 @@ class QuantizationAware(Method):
     def fit_start(self, state) -> None:
         # Each quantized layer declares its arithmetic (`flop_dtype`); the FLOPs meter labels the
         # FLOPs of the layers that actually ran, so nothing is relabelled here.
-        self.quantized = apply_qat(state.unwrapped_model, self.config, optimizer=state.optimizer, state=state)
+        self.quantized = apply_qat(state.unwrapped_model, self.config, optimizer=state.optimizer)
+        if not self.quantized:
+            raise ConfigError(f"qat: {type(state.unwrapped_model).__name__} has no layer qat quantizes (Linear, Conv, "
+                              "Embedding, MatMul, LayerNorm, BatchNorm); qat would change nothing")
+        state.model_version += 1
 
     def fit_end(self, state) -> None:
         model = state.unwrapped_model

@@ -14,7 +14,7 @@ import haet
 from haet.data import TensorData
 from haet.methods import parse_method
 from haet.methods import _gradmatch_ops as ops
-from haet.methods.gradmatch import GradMatch, GradMatchConfig, RandomSubset, grad_match_select
+from haet.methods.gradmatch import GradMatch, GradMatchConfig, RandomSubset, grad_match_select, held_out_split
 from haet.models import build_model
 
 
@@ -89,7 +89,7 @@ def test_selected_subset_matches_the_full_gradient_better_than_random_subsets(mn
     haet.Trainer(model, data, batch_size=64, progress=False).fit(epochs=1)  # a partly trained model
     full = last_layer_gradient(model, data.x, data.y, torch.ones(1000))
     info = {}
-    idx, w = grad_match_select(model, data, 0.2, info=info)
+    idx, w = grad_match_select(model, data, 0.2, info=info, bfloat16=False)
     assert len(idx) <= 200 and len(set(idx.tolist())) == len(idx) and (w > 0).all()
     gm_error = float((last_layer_gradient(model, data.x[idx], data.y[idx], w) - full).norm() / full.norm())
     gen = torch.Generator().manual_seed(0)
@@ -99,20 +99,20 @@ def test_selected_subset_matches_the_full_gradient_better_than_random_subsets(mn
         sub = last_layer_gradient(model, data.x[r], data.y[r], torch.full((len(r),), 1000 / len(r)))
         random_errors.append(float((sub - full).norm() / full.norm()))
     assert gm_error < 0.5 * min(random_errors), (gm_error, random_errors)
-    assert 0 < info["match_error"] < 0.5 * min(random_errors)  # the per-class error OMP reports
+    # the reported error is the whole subset's against the whole gradient (not pool by pool)
+    assert info["match_error"] == pytest.approx(gm_error, rel=1e-3, abs=1e-5)
 
 
-def test_per_batch_selection_takes_whole_batches(mnist5k):
+def test_reported_match_error_is_against_the_full_held_out_gradient(mnist5k):
     train, _ = mnist5k
-    torch.manual_seed(0)
-    data = TensorData(train.x[:640], train.y[:640])
-    idx, w = grad_match_select(small_cnn(), data, 0.3, per_batch=True, batch_size=32, seed=3)
-    batches = torch.split(torch.randperm(640, generator=torch.Generator().manual_seed(3)), 32)
-    chosen = {tuple(sorted(b.tolist())) for b in batches if set(b.tolist()) <= set(idx.tolist())}
-    assert sum(len(b) for b in chosen) == len(idx) and 1 <= len(chosen) <= 6  # round(0.3·20) batches at most
-    by_index = dict(zip(idx.tolist(), w.tolist()))
-    for b in chosen:
-        assert len({by_index[i] for i in b}) == 1  # one weight per batch
+    haet.seed_everything(0)
+    model = small_cnn()
+    data, held = TensorData(train.x[:600], train.y[:600]), (train.x[600:800], train.y[600:800])
+    info = {}
+    idx, w = grad_match_select(model, data, 0.2, target_data=held, info=info, bfloat16=False)
+    target = last_layer_gradient(model, *held, torch.full((200,), 600 / 200))  # scaled to 600 samples
+    error = float((last_layer_gradient(model, data.x[idx], data.y[idx], w) - target).norm() / target.norm())
+    assert info["match_error"] == pytest.approx(error, rel=1e-3, abs=1e-5)
 
 
 def tiny_images(n=256, seed=0):
@@ -177,6 +177,34 @@ def test_random_subset_draws_a_fresh_subset_at_each_selection():
     assert seen[1] != seen[2]
 
 
+class IndexLog(haet.Method):
+    """The training-data index of every sample each batch trains on (rows of tiny_images are unique)."""
+    name = ""
+
+    def __init__(self, data):
+        super().__init__()
+        self.row = {tuple(r.flatten().tolist()): i for i, r in enumerate(data.x)}
+        self.seen: dict[int, set] = {}
+
+    def batch_start(self, state):
+        self.seen.setdefault(state.epoch, set()).update(self.row[tuple(r.flatten().tolist())] for r in state.batch[0])
+
+
+def test_valid_target_never_trains_on_the_held_out_part_warm_epochs_included():
+    data = tiny_images()
+    log = IndexLog(data)
+    method = GradMatch(fraction=0.3, target="valid", valid_fraction=0.25, warm_fraction=0.5, select_every=1)
+    haet.seed_everything(0)
+    haet.Trainer(tiny_model(), data, methods=[method, log], batch_size=16, progress=False, seed=3).fit(epochs=4)
+    held, rest = held_out_split(256, 0.25, 3)
+    assert len(held) == 64 and not set(held.tolist()) & set(rest.tolist())
+    assert sorted(log.seen) == [1, 2, 3, 4]
+    for epoch in (1, 2):  # warm epochs: every trainable sample, none held out
+        assert log.seen[epoch] == set(rest.tolist())
+    for epoch in (3, 4):
+        assert log.seen[epoch] <= set(rest.tolist()) and len(log.seen[epoch]) <= round(0.3 * 192) + 4
+
+
 def test_valid_target_selects_outside_the_held_out_part():
     method = GradMatch(fraction=0.3, target="valid", valid_fraction=0.25)
     data = tiny_images()
@@ -188,11 +216,13 @@ def test_valid_target_selects_outside_the_held_out_part():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("gradmatch:fraction=0", r"gradmatch: fraction must be a number in \(0, 1\], got 0.0"),
-    ("gradmatch:fraction=1.5", r"fraction must be a number in \(0, 1\]"),
+    ("gradmatch:fraction=0", r"gradmatch: fraction must be a number in \(0, 1\), got 0.0"),
+    ("gradmatch:fraction=1.5", r"fraction must be a number in \(0, 1\)"),
+    ("gradmatch:fraction=1.0", r"gradmatch: fraction=1 keeps every sample.*allowed: a number in \(0, 1\)"),
+    ("random_subset:fraction=1", r"random_subset: fraction=1 keeps every sample.*allowed: a number in \(0, 1\)"),
     ("gradmatch:select_every=0", r"select_every must be an integer in \[1, inf\]"),
     ("gradmatch:target=test", r"gradmatch:target must be one of train, valid"),
-    ("random_subset:fraction=-1", r"fraction must be a number in \(0, 1\]"),
+    ("random_subset:fraction=-1", r"fraction must be a number in \(0, 1\)"),
     ("random_subset:select_every=0.5", r"select_every must be an integer"),
 ])
 def test_bad_parameters_give_clear_errors(spec, message):

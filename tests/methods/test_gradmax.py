@@ -140,11 +140,32 @@ def test_method_grows_on_schedule_and_resumes_to_the_same_weights(tmp_path, tiny
             assert torch.equal(a, b), k
 
 
-def test_models_without_growable_pairs_train_at_full_width(tiny_data):
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
-    with pytest.warns(UserWarning, match="no growable pair"):
-        record = haet.Trainer(model, tiny_data, methods=[GradMaxGrowth()], progress=False).fit(1)
-    assert record.method_metrics["gradmax/growth_events"] == 0
+class Residual(nn.Module):
+    """Not an nn.Sequential: its growable-looking pair sees (batch, seq, features) inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = x.flatten(1).view(len(x), 8, 8)
+        return self.head((h + self.ff(h)).mean(1))
+
+
+@pytest.mark.parametrize("model, message", [
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), r"got Sequential with no growable pair"),
+    (Residual, r"got Residual \(not an nn.Sequential\)"),
+])
+def test_models_gradmax_cannot_grow_are_refused_at_fit_start(tiny_data, model, message):
+    with pytest.raises(ConfigError, match="gradmax needs an nn.Sequential model with a growable pair.*" + message):
+        haet.Trainer(model(), tiny_data, methods=[GradMaxGrowth()], progress=False).fit(1)
+
+
+def test_grow_needs_no_trainer_state():
+    import inspect
+
+    assert "state" not in inspect.signature(grow).parameters
 
 
 def test_bad_parameters_name_the_parameter():

@@ -11,7 +11,8 @@ from torch import nn
 import haet
 from haet.core.errors import ConfigError
 from haet.methods import parse_entry, parse_method
-from haet.methods.gsp import GroupedSparseProjection, grouped_sparse_projection, hoyer_sparsity, project_model_
+from haet.methods.gsp import (GroupedSparseProjection, GSPConfig, apply_gsp, grouped_sparse_projection, hoyer_sparsity,
+                              project_model_)
 
 
 def _sp(z: np.ndarray) -> float:
@@ -178,3 +179,59 @@ def test_resumed_oneshot_run_keeps_its_mask(trainer_factory, tmp_path):
                     checkpoint=True).fit(epochs=2, resume_from=tmp_path)
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_train_mode_ends_with_a_final_projection_and_fine_tuning_on_a_fixed_pattern(trainer_factory):
+    model = _model()
+    method = GroupedSparseProjection(target=0.9, every=2, finetune=0.5)
+    snapshots = []
+
+    class Snapshot(haet.Method):
+        name = ""
+
+        def epoch_end(self, state):
+            snapshots.append([l.weight.detach().clone() for l in (model[0], model[3])])
+
+    record = trainer_factory(model, methods=[method, Snapshot()]).fit(epochs=4)
+    assert method.freeze_epoch == 3 and len(method.masks) == 2
+    # epochs 1-2: every 2nd of 4 steps, plus before each evaluation; epoch 3: the final projection, then none
+    assert record.method_metrics["gsp/projections"] == 2 * (4 // 2 + 1) + 1
+    for mask, w2, w3, w4 in zip(method.masks, *snapshots[1:]):
+        assert torch.equal(w3 != 0, mask) and torch.equal(w4 != 0, mask)   # the pattern of the final projection
+        assert not torch.equal(w3, w4)                                       # fine-tuned: the survivors still learn
+    hoyer = [float(hoyer_sparsity(w.reshape(w.shape[0], -1)).mean()) for w in snapshots[1]]
+    assert all(abs(h - 0.9) < 1e-4 for h in hoyer)                           # projected up to the fine-tuning
+    assert record.method_metrics["gsp/zero_fraction"] == pytest.approx(
+        sum(int((~m).sum()) for m in method.masks) / (36 + 1024))
+
+
+def test_finetune_zero_projects_until_the_end(trainer_factory):
+    method = GroupedSparseProjection(target=0.8, every=2, finetune=0.0)
+    trainer_factory(methods=[method]).fit(epochs=2)
+    assert method.freeze_epoch is None and not method.masks
+
+
+class NoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, 4))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :4] * self.scale
+
+
+def test_a_model_with_nothing_to_project_is_refused_at_fit_start(trainer_factory):
+    with pytest.raises(ConfigError, match="gsp: NoLayers has no layer to project"):
+        trainer_factory(NoLayers(), methods=[GroupedSparseProjection()]).fit(epochs=1)
+    with pytest.raises(ConfigError, match="gsp: start_epoch=3 is after the last epoch"):
+        trainer_factory(methods=[GroupedSparseProjection(start_epoch=3)]).fit(epochs=2)
+
+
+def test_apply_gsp_is_the_functional_form_with_a_filter():
+    model = _model()
+    before = model[0].weight.detach().clone()
+    info = apply_gsp(model, GSPConfig(target=0.8), filter_fn=lambda name, m: isinstance(m, nn.Linear))
+    assert torch.equal(model[0].weight, before) and info["weights"] == 1024   # the conv was filtered out
+    assert abs(float(hoyer_sparsity(model[3].weight).mean()) - 0.8) < 1e-4
+    with pytest.raises(ConfigError, match="no layer to project"):
+        apply_gsp(NoLayers(), GSPConfig())

@@ -217,3 +217,25 @@ def test_resume_gives_the_same_weights_and_observers(trainer_factory, tmp_path):
     a, b = full.state.model.state_dict(), resumed.state.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("input_q.observed") for k in a)
+
+
+class ScaleOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :4] * self.scale
+
+
+def test_a_model_with_nothing_to_quantize_is_refused_at_fit_start(trainer_factory):
+    with pytest.raises(ConfigError, match="qat: ScaleOnly has no layer qat quantizes.*qat would change nothing"):
+        trainer_factory(ScaleOnly(), methods=parse_entry("qat")).fit(1)
+
+
+def test_functional_form_needs_no_trainer_state():
+    import inspect
+
+    params = inspect.signature(apply_qat).parameters
+    assert list(params) == ["model", "config", "optimizer", "filter_fn"]
+    assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in ("optimizer", "filter_fn"))
