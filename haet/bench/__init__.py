@@ -195,6 +195,7 @@ def unfit_reason(config: RunConfig) -> str | None:
         try:
             trainer = Trainer(model, a["train"], a["test"], loss_fn=a["task"].loss_fn, methods=methods,
                               progress=False, device="cpu", seed=config.seed)
+            trainer.state.epochs = config.epochs  # what fit would set: some checks depend on the run's length
             for m in methods:
                 fit_start = getattr(m, "fit_start", None)
                 if callable(fit_start):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.config import check_choice, check_range
+from ..core.errors import ConfigError
 from ..core.method import Method
 from ..data.loader import Loader, TensorData, as_tensor_data
 from . import _gradmatch_ops as ops
@@ -45,6 +46,7 @@ class GradMatchConfig:
 
     def __post_init__(self) -> None:
         _check_fraction("gradmatch", self.fraction)
+        check_range("fraction", self.fraction, 0, 1, lo_open=True, hi_open=True)
         check_range("select_every", self.select_every, 1, None, integer=True)
         check_range("warm_fraction", self.warm_fraction, 0, 1, hi_open=True)
         check_choice("per_batch", self.per_batch, (True, False))
@@ -61,6 +63,7 @@ class RandomSubsetConfig:
 
     def __post_init__(self) -> None:
         _check_fraction("random_subset", self.fraction)
+        check_range("fraction", self.fraction, 0, 1, lo_open=True, hi_open=True)
         check_range("select_every", self.select_every, 1, None, integer=True)
 
 
@@ -281,7 +284,6 @@ def _check_fraction(owner: str, fraction) -> None:
     if fraction == 1 and not isinstance(fraction, bool):
         raise ConfigError(f"fraction=1 keeps every sample, so {owner} would only add work to plain training; "
                           "allowed: a number in (0, 1) (use the baseline for all the data)")
-    check_range("fraction", fraction, 0, 1, lo_open=True, hi_open=True)
 
 
 def _valid_targets(model, target_data, pool_labels, sizes, n_candidates, loss_fn, device, bfloat16):

@@ -56,7 +56,7 @@ def test_method_trains_two_steps_on_mnist5k(name, mnist5k):
     assert cls.summary and cls.paper, f"{name} needs a summary and a paper for `haet methods`"
     train, test = mnist5k
     haet.seed_everything(0)
-    model = build_model("mnist5k-cnn", (1, 28, 28), 10)
+    model = build_model("eqprop-mlp" if name == "eqprop" else "mnist5k-cnn", (1, 28, 28), 10)
     record = haet.Trainer(model, train, test, methods=parse_entry(name), budget=haet.Budget(steps=2),
                           progress=False).fit(epochs=1)
     assert record.steps == 2 and record.stopped_by == "budget:steps"
