@@ -6,16 +6,22 @@
 - ``pareto.png``: accuracy against train time, energy and peak memory; one point per method (mean,
   with std bars), the baseline marked, the Pareto front (no other method both cheaper and more
   accurate) drawn as a step line.
+
+Records come from folders others may have shared: they are validated when loaded
+(`RunRecord.load`), every string from them is escaped in Markdown and CSV (`haet.core.files`), and
+the outputs are written atomically without following symlinks, with the output folder locked.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core import files
 from ..core.errors import ConfigError
 from ..core.record import RunRecord
 
@@ -90,11 +96,11 @@ def summarize(table: list[dict], baseline: str = "baseline") -> list[Summary]:
 
 
 def write_csv(table: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(table)
-    return path
+    buffer = io.StringIO(newline="")
+    w = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows({k: files.csv_cell(v) for k, v in row.items()} for row in table)
+    return files.write_text(path, buffer.getvalue())
 
 
 def fmt(value, key: str) -> str:
@@ -121,8 +127,9 @@ def cell(s: Summary, key: str) -> str:
 
 
 def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot: Path | None) -> Path:
-    tasks = sorted({str(r["task"]) for r in table})
-    models = sorted({str(r["model"]) for r in table})
+    md = files.md_cell  # every string from a record is escaped: one line, no markup
+    tasks = sorted({md(r["task"]) for r in table})
+    models = sorted({md(r["model"]) for r in table})
     seeds = sorted({r["seed"] for r in table})
     lines = [f"# haet report: {', '.join(tasks)} ({', '.join(models)})", "",
              f"{len(table)} runs; seeds {', '.join(map(str, seeds))}. Mean ± std over seeds; in brackets, the "
@@ -132,13 +139,12 @@ def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot
              + " | energy source | stopped by |",
              "|---|---|" + "---|" * len(QUANTITIES) + "---|---|"]
     for s in summaries:
-        lines.append(f"| {s.method} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
-                     + f" | {s.energy_source} | {s.stopped_by} |")
+        lines.append(f"| {md(s.method)} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
+                     + f" | {md(s.energy_source)} | {md(s.stopped_by)} |")
     if plot is not None:
         lines += ["", f"![accuracy against cost]({plot.name})"]
     lines += ["", "Per-run rows: `results.csv`; full records: the `record.json` files it lists.", ""]
-    path.write_text("\n".join(lines))
-    return path
+    return files.write_text(path, "\n".join(lines))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -190,8 +196,10 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     fig.suptitle(title or "accuracy against cost (baseline: black star; mean ± std over seeds)")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # into a file haet opened itself: never through a symlink
+        files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -199,11 +207,16 @@ def build_report(dirs, out: Path | None = None) -> dict:
     """Write results.csv, report.md and pareto.png for the records under `dirs` into `out`."""
     records = find_records(dirs)
     out = Path(out) if out is not None else Path(dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_file():
+        out = out.parent
+    for name in ("pareto.png", "results.csv", "report.md"):
+        files.check_writable_path(out / name)  # a link or a folder in the way: refused before anything is written
     table = rows(records)
     summaries = summarize(table)
-    tasks = sorted({str(r["task"]) for r in table})
-    plot = plot_pareto(summaries, out / "pareto.png", title=f"{', '.join(tasks)}: accuracy against cost "
-                       "(baseline: black star; mean ± std over seeds)")
-    return {"results": write_csv(table, out / "results.csv"), "report": write_markdown(table, summaries, out / "report.md", plot),
-            "pareto": plot, "summaries": summaries, "rows": table, "records": [r for _, r in records]}
+    tasks = sorted({files.plain(r["task"]) for r in table})
+    with files.FolderLock(out):
+        plot = plot_pareto(summaries, out / "pareto.png", title=f"{', '.join(tasks)}: accuracy against cost "
+                           "(baseline: black star; mean ± std over seeds)")
+        return {"results": write_csv(table, out / "results.csv"),
+                "report": write_markdown(table, summaries, out / "report.md", plot),
+                "pareto": plot, "summaries": summaries, "rows": table, "records": [r for _, r in records]}
