@@ -124,9 +124,12 @@ def open_regular(path: str | os.PathLike, *, follow: bool = False, what: str = "
 def read_bytes(path: str | os.PathLike, cap: int, *, follow: bool = False, what: str = "file") -> bytes:
     """The bytes of the regular file `path`, refused when larger than `cap`."""
     with open_regular(path, follow=follow, what=what) as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:
-        raise ConfigError(f"refused to read {path}: larger than the {cap // 2**20} MiB a {what} may be")
+        size = os.fstat(f.fileno()).st_size
+        if size > cap:
+            raise ConfigError(f"refused to read {path}: larger than the {cap // 2**20} MiB a {what} may be")
+        data = f.read(size)
+        if len(data) != size or f.read(1):
+            raise ConfigError(f"refused to read {path}: it changed while being read")
     return data
 
 

@@ -80,7 +80,14 @@ class _Array:
         self.array = _build(raw, dtype, shape, "F" if fortran else "C")
 
 
-_NDARRAY = object()  # what ``numpy.ndarray`` stands for: only a marker for _reconstruct
+class _NdarrayMarker:
+    """What ``numpy.ndarray`` stands for: a marker for `_reconstruct`, never called."""
+
+    def __call__(self, *args, **kwargs):
+        raise _refuse("a call of numpy.ndarray with the file's arguments")
+
+
+_NDARRAY = _NdarrayMarker()
 
 
 def _reconstruct(cls, shape, typecode) -> _Array:
