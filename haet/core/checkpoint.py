@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ def load(path: str | os.PathLike, epochs: int | None = None) -> dict:
     if not path.exists() and not path.is_symlink():
         raise ConfigError(f"no checkpoint at {path} (was the run started with --checkpoint?)")
     with files.open_regular(path, what="checkpoint") as f:
+        _check_integrity(f, path)
         try:
             payload = torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -74,6 +76,19 @@ def load(path: str | os.PathLike, epochs: int | None = None) -> dict:
                               f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
     check(payload, path, epochs)
     return payload
+
+
+def _check_integrity(f, path: Path) -> None:
+    """A checkpoint is a zip archive whose members carry CRC-32s: flipped bits are found here,
+    before torch reads a damaged header or, worse, damaged weights without a word."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise ConfigError(f"{path} is not a readable haet checkpoint (not a torch zip archive: {err})") from None
+    if damaged is not None:
+        raise ConfigError(f"{path} is damaged: its member {damaged} fails the CRC check")
+    f.seek(0)
 
 
 def check(payload: Any, path: Path, epochs: int | None = None) -> None:

@@ -193,7 +193,7 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 6)), fontsize=8, frameon=False)
     fig.suptitle(title or "accuracy against cost (baseline: black star; mean ± std over seeds)")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     try:  # into a file haet opened itself: never through a symlink
