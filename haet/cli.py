@@ -159,6 +159,7 @@ def cmd_train(args) -> int:
             raise ConfigError(f"--resume continues in {resume_dir}; --out {args.out} is another folder (drop --out)")
         if args.overwrite:
             raise ConfigError("--resume continues a run; --overwrite would discard it (drop one of them)")
+        planned = config.epochs
         if args.epochs is not None:
             config.epochs = args.epochs
         if args.budget:
@@ -168,7 +169,8 @@ def cmd_train(args) -> int:
         out_dir, checkpoint = resume_dir, True
         from .core import checkpoint as ckpt
 
-        ckpt.load(resume_dir, epochs=config.epochs)  # a clear error now if the checkpoint is missing, unsafe or ahead
+        trained = ckpt.load(resume_dir, epochs=config.epochs)["epoch"]  # a clear error now if missing, unsafe or ahead
+        notes = resume_notes(config.methods, trained, planned, config.epochs)
     else:
         if args.method and "baseline" in args.method:
             raise ConfigError("'baseline' means no method: for train, omit --method")
@@ -177,6 +179,7 @@ def cmd_train(args) -> int:
                            budget=Budget.parse(args.budget).to_dict() if args.budget else {},
                            device=args.device or "auto", data_dir=args.data_dir,
                            batch_size=64 if args.batch_size is None else args.batch_size)
+        notes = {}
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.out) if args.out else Path("runs/train") / f"{config.task}-{stamp}"
         checkpoint = args.checkpoint
@@ -193,7 +196,8 @@ def cmd_train(args) -> int:
             check_out_dir(out_dir, args.overwrite)  # again, now that no other run can write there
             if args.overwrite:
                 clear_outputs(out_dir)
-        record = execute(run, out_dir, progress=not args.quiet, checkpoint=checkpoint, resume=bool(args.resume))
+        record = execute(run, out_dir, progress=not args.quiet, checkpoint=checkpoint, resume=bool(args.resume),
+                         notes=notes)
     except RunFailed as e:
         written = f"record written to {e.record_path}" if e.record_path else "no record could be written"
         if e.disk_full:
@@ -215,6 +219,24 @@ def cmd_train(args) -> int:
         print(f"haet: run stopped: {record.stopped_by}; record written to {out_dir / 'record.json'}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+#: Methods whose schedule depends on the total epoch count: resumed to another total, the run
+#: differs from an uninterrupted one (said in the record and the method's card).
+EPOCH_SCHEDULED = {"mbst": "its sparsity schedule ends at update_end x the total epochs"}
+
+
+def resume_notes(methods: str, trained: int, planned: int, total: int) -> dict:
+    """What the record says about a resumed run: where it resumed, and when the total changed,
+    which methods' schedules therefore differ from an uninterrupted run."""
+    notes = {"resume/from_epoch": trained, "resume/planned_epochs": planned, "resume/epochs": total}
+    if total != planned:
+        for name in dict.fromkeys(e.split(":", 1)[0] for e in methods.split("+")):
+            if name in EPOCH_SCHEDULED:
+                notes[f"{name}/resume_note"] = (f"resumed to {total} epochs from a run planned for {planned}: "
+                                                f"{EPOCH_SCHEDULED[name]}, so this run is not identical to an "
+                                                "uninterrupted one")
+    return notes
 
 
 def _print_summary(record, out_dir: Path) -> None:

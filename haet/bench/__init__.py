@@ -123,9 +123,11 @@ def prepare(config: RunConfig) -> PreparedRun:
 
 
 def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, checkpoint: bool = False,
-            resume: bool = False) -> RunRecord:
+            resume: bool = False, notes: dict | None = None) -> RunRecord:
     """Build the model and methods (seeded) and train. A training error is raised as `RunFailed`
-    after the record (with ``stopped_by: "error"``) is written, naming it (or None if it could not be)."""
+    after the record (with ``stopped_by: "error"``) is written, naming it (or None if it could not be).
+    `notes` are added to the record's method_metrics (what a resume changed). A resumed run's
+    config.json is rewritten with its new total epochs and budget."""
     c, a = run.config, run.trainer_args
     seed_everything(c.seed)
     model = build_model(a["model_name"], a["task"].input_shape, a["task"].num_classes)
@@ -137,14 +139,24 @@ def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, ch
                       methods=methods, budget=a["budget"], device=c.device,
                       seed=c.seed, progress=progress, batch_size=c.batch_size, out_dir=out_dir,
                       checkpoint=checkpoint, task=task.name, model_name=a["model_name"], label=c.methods)
-    if out_dir is not None and trainer.rank == 0 and not resume:
+    write_config = out_dir is not None and trainer.rank == 0
+    if write_config and not resume:
         files.write_text(out_dir / "config.json", json.dumps(asdict(c), indent=2) + "\n")
     try:
-        return trainer.fit(c.epochs, resume_from=out_dir if resume else None)
+        record = trainer.fit(c.epochs, resume_from=out_dir if resume else None)
     except ConfigError:
-        raise
+        raise  # bad input (a checkpoint that does not fit): nothing written
     except Exception as err:
+        if write_config and resume:
+            files.write_text(out_dir / "config.json", json.dumps(asdict(c), indent=2) + "\n")
         raise RunFailed(err, trainer.record_path) from err
+    if write_config and resume:  # the run now aims at the new total and budget
+        files.write_text(out_dir / "config.json", json.dumps(asdict(c), indent=2) + "\n")
+    if notes:
+        record.method_metrics.update(notes)
+        if trainer.record_path is not None:
+            record.save(out_dir)
+    return record
 
 
 def check_out_dir(out: Path, overwrite: bool, files=OUTPUT_FILES, run_dirs=()) -> None:

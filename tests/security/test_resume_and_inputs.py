@@ -188,3 +188,14 @@ def test_resume_refuses_epochs_below_what_was_trained(tmp_path, capsys):
     code, _, err = run(["train", "--resume", d, "--epochs", "1", "--quiet"], capsys)
     assert code == 2 and "already holds 2 trained epochs; --epochs 1 is fewer" in err
     assert (d / "record.json").read_text() == before
+
+
+def test_resuming_mbst_to_another_total_says_so_in_the_record(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert run(TRAIN + ["--method", "mbst", "--epochs", "1", "--checkpoint", "--budget", "steps=5", "--out", d],
+               capsys)[0] == 0
+    assert run(["train", "--resume", d, "--epochs", "2", "--budget", "steps=8", "--quiet"], capsys)[0] == 0
+    mm = json.loads((d / "record.json").read_text())["method_metrics"]
+    assert mm["resume/from_epoch"] == 1 and mm["resume/planned_epochs"] == 1 and mm["resume/epochs"] == 2
+    assert "not identical to an uninterrupted one" in mm["mbst/resume_note"]
+    assert json.loads((d / "config.json").read_text())["epochs"] == 2
