@@ -199,3 +199,15 @@ def test_resuming_mbst_to_another_total_says_so_in_the_record(tmp_path, capsys):
     assert mm["resume/from_epoch"] == 1 and mm["resume/planned_epochs"] == 1 and mm["resume/epochs"] == 2
     assert "not identical to an uninterrupted one" in mm["mbst/resume_note"]
     assert json.loads((d / "config.json").read_text())["epochs"] == 2
+
+
+def test_resuming_gradmax_to_another_total_is_identical(tmp_path, capsys):
+    """gradmax schedules growth in optimizer steps: 1 epoch resumed to 2 equals 2 straight."""
+    method = ["--method", "gradmax:grow_every=5,grow_until=40"]
+    assert run(TRAIN + method + ["--epochs", "2", "--out", tmp_path / "a"], capsys)[0] == 0
+    assert run(TRAIN + method + ["--epochs", "1", "--checkpoint", "--out", tmp_path / "b"], capsys)[0] == 0
+    assert run(["train", "--resume", tmp_path / "b", "--epochs", "2", "--quiet"], capsys)[0] == 0
+    a, b = (json.loads((tmp_path / n / "record.json").read_text()) for n in "ab")
+    assert a["metrics"] == b["metrics"] and a["steps"] == b["steps"] == 46
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert "gradmax/resume_note" not in b["method_metrics"]
