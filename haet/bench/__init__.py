@@ -25,7 +25,7 @@ from ..core import files
 from ..core.budget import Budget
 from ..core.errors import ConfigError
 from ..core.record import RunRecord
-from ..core.trainer import Terminated, Trainer, on_sigterm_raise, resolve_device, seed_everything
+from ..core.trainer import Terminated, Trainer, on_sigterm, resolve_device, seed_everything
 from ..data.tasks import check_model_for_task, get_task
 from ..methods import parse_entry
 from ..models import build_model
@@ -260,7 +260,7 @@ def run_bench(task: str, entries: list[str], seeds: int, epochs: int, out: Path,
         prepare(c)  # every entry is checked before the first run starts
     failed, written, stopped_by = [], [], None
     with files.FolderLock(out):
-        restore_sigterm = on_sigterm_raise()
+        restore_sigterm = on_sigterm()
         try:
             if warmup_steps:
                 # Untimed warm-up of every entry (first-use costs: lazy imports, allocator growth,

@@ -42,14 +42,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived during a run: it stops as on Ctrl-C and keeps its record ("terminated")."""
 
 
-def on_sigterm_raise() -> Callable[[], None]:
-    """Make SIGTERM raise `Terminated` in the main thread; returns the function that restores the
-    previous handler. Installed only while a run is active (never at import)."""
+def on_sigterm(action: Callable[[], bool] | None = None) -> Callable[[], None]:
+    """Handle SIGTERM in the main thread until the returned function restores the previous handler
+    (installed only while a run is active, never at import). ``action()`` is called (a run asks
+    its loop to stop after the current batch); without one, or when it returns False (a second
+    SIGTERM), `Terminated` is raised where the program is."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum, frame):
-        raise Terminated()
+        if action is None or not action():
+            raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
@@ -185,7 +188,7 @@ class Trainer:
 
         stopped_by = "epochs"
         evaluated_at_step = -1
-        restore_sigterm = on_sigterm_raise()
+        restore_sigterm = on_sigterm(self._stop_on_sigterm)
         try:
             with self._progress_bar() as bar:
                 for epoch in range(first_epoch, epochs + 1):
@@ -383,6 +386,13 @@ class Trainer:
             self.record.cost = distributed.aggregate_cost(cost, state.device)
         self._save_record()
         return self.record
+
+    def _stop_on_sigterm(self) -> bool:
+        """SIGTERM: stop after the current batch and keep the record; a second one stops at once."""
+        if self.state.stop_reason == "terminated":
+            return False
+        self.state.request_stop("terminated")
+        return True
 
     def _save_record(self) -> None:
         if self.rank == 0 and self.out_dir is not None:

@@ -56,7 +56,7 @@ def test_report_refuses_a_record_that_is_not_a_regular_file(kind, tmp_path):
         os.mkfifo(d / "record.json")
     else:
         os.symlink("/dev/zero", d / "record.json")
-    proc = haet_process(["report", d / "record.json", "--out", tmp_path / "out"],
+    proc = haet_process(["report", tmp_path / "shared", "--out", tmp_path / "out"],
                         preexec_fn=lambda: __import__("resource").setrlimit(
                             __import__("resource").RLIMIT_AS, (6 * 2**30, 6 * 2**30)))
     try:
