@@ -81,11 +81,14 @@ def load(path: str | os.PathLike, epochs: int | None = None) -> dict:
 def _check_integrity(f, path: Path) -> None:
     """A checkpoint is a zip archive whose members carry CRC-32s: flipped bits are found here,
     before torch reads a damaged header or, worse, damaged weights without a word."""
+    if not zipfile.is_zipfile(f):
+        f.seek(0)
+        return  # not an archive: torch.load (weights_only) refuses it or reads the legacy format safely
     try:
         with zipfile.ZipFile(f) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise ConfigError(f"{path} is not a readable haet checkpoint (not a torch zip archive: {err})") from None
+        raise ConfigError(f"{path} is not a readable haet checkpoint (a damaged zip archive: {err})") from None
     if damaged is not None:
         raise ConfigError(f"{path} is damaged: its member {damaged} fails the CRC check")
     f.seek(0)

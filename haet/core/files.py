@@ -86,6 +86,7 @@ def write_text(path: str | os.PathLike, text: str, *, root: str | os.PathLike | 
 def append_text(path: str | os.PathLike, text: str, *, root: str | os.PathLike | None = None) -> Path:
     """Append `text` to `path` (created if missing) without following a symlink."""
     path = check_writable_path(path, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                      0o644)
