@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core import files
+from ..core.files import check_writable_path
 from ..core.budget import Budget
 from ..core.errors import ConfigError
 from ..core.record import RunRecord
@@ -170,6 +171,7 @@ def check_out_dir(out: Path, overwrite: bool, files=OUTPUT_FILES, run_dirs=()) -
         raise ConfigError(f"--out {out}: {existing_parent} is not writable; choose another --out")
     existing = [f for f in files if (out / f).exists() or (out / f).is_symlink()]
     for d in run_dirs:
+        check_writable_path(d / "record.json", root=out)  # no folder on the way is a symlink
         held = [f for f in OUTPUT_FILES if (d / f).exists() or (d / f).is_symlink()]
         if held and not is_run_dir(d):
             raise ConfigError(f"{d} holds {', '.join(held)} that no haet run wrote; choose another --out")
@@ -276,6 +278,7 @@ def run_bench(task: str, entries: list[str], seeds: int, epochs: int, out: Path,
             for c in configs if stopped_by is None else ():
                 run = prepare(c)
                 run_out = out / "runs" / run_dir_name(c.methods) / f"seed{c.seed}"
+                files.check_writable_path(run_out / "record.json", root=out)  # checked again: it may have changed
                 try:
                     record, err = execute(run, run_out, progress=False), None
                 except RunFailed as e:  # the record says what failed; the other runs go on

@@ -206,9 +206,10 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
 def build_report(dirs, out: Path | None = None) -> dict:
     """Write results.csv, report.md and pareto.png for the records under `dirs` into `out`."""
     records = find_records(dirs)
-    out = Path(out) if out is not None else Path(dirs[0])
-    if out.is_file():
-        out = out.parent
+    first = Path(dirs[0])
+    out = Path(out) if out is not None else (first.parent if first.is_file() else first)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a folder")
     for name in ("pareto.png", "results.csv", "report.md"):
         files.check_writable_path(out / name)  # a link or a folder in the way: refused before anything is written
     table = rows(records)

@@ -198,3 +198,13 @@ def test_the_sigterm_handler_is_installed_only_while_a_run_is_active(tmp_path, c
     haet.Trainer(model, train, test, methods=[Spy()], progress=False, budget=haet.Budget(steps=2)).fit(1)
     assert seen and seen[0] is not before and seen[0] not in (signal.SIG_DFL, signal.SIG_IGN)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bench_never_writes_through_a_symlinked_run_folder(tmp_path, sentinel, capsys):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    os.symlink(sentinel.root, out / "runs" / "baseline")  # runs/baseline/seed0/... would land outside
+    code, _, err = run(["bench", "--task", "digits", "--methods", "baseline", "--epochs", "1", "--out", out,
+                        "--quiet"], capsys)
+    assert code == 2 and "is a symbolic link" in err and err.count("\n") == 1
+    assert sentinel.unchanged() and not (sentinel.root / "seed0").exists()
