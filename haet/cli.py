@@ -222,25 +222,40 @@ def _describe_method(cls) -> int:
 
 # -- train -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from .bench import RunConfig, check_out_dir, clear_outputs, execute, prepare
+    from .bench import OUTPUT_FILES, RunConfig, RunFailed, check_out_dir, clear_outputs, execute, prepare
+    from .core.files import FolderLock
 
     if args.resume:
         resume_dir = Path(args.resume)
-        config = RunConfig.from_json(resume_dir / "config.json") if (resume_dir / "config.json").is_file() else None
-        if config is None:
+        links = [f for f in OUTPUT_FILES if (resume_dir / f).is_symlink()]
+        if links:
+            raise ConfigError(f"--resume {resume_dir}: {', '.join(links)} is a symbolic link; haet never reads or "
+                              "writes a run's files through links")
+        if not (resume_dir / "config.json").is_file():
             raise ConfigError(f"--resume {resume_dir}: no config.json there (not a haet train --checkpoint run)")
+        config = RunConfig.from_json(resume_dir / "config.json")
         for name, given, saved in (("task", args.task, config.task), ("model", args.model, config.model),
-                                   ("seed", args.seed, config.seed)):
+                                   ("seed", args.seed, config.seed), ("batch size", args.batch_size, config.batch_size)):
             if given is not None and given != saved:
                 raise ConfigError(f"--resume: the run in {resume_dir} has {name} {saved!r}, not {given!r}")
         if args.method and "+".join(args.method) != config.methods:
             raise ConfigError(f"--resume: the run in {resume_dir} has methods {config.methods!r}")
+        if args.out and Path(args.out).resolve() != resume_dir.resolve():
+            raise ConfigError(f"--resume continues in {resume_dir}; --out {args.out} is another folder (drop --out)")
+        if args.overwrite:
+            raise ConfigError("--resume continues a run; --overwrite would discard it (drop one of them)")
+        planned = config.epochs
         if args.epochs is not None:
             config.epochs = args.epochs
+        if args.budget:
+            config.budget = Budget.parse(args.budget).to_dict()  # the user's new limit applies to the resumed run
+        if args.data_dir:
+            config.data_dir = args.data_dir
         out_dir, checkpoint = resume_dir, True
         from .core import checkpoint as ckpt
 
-        ckpt.load(resume_dir)  # a clear error now if the checkpoint is missing or unsafe
+        trained = ckpt.load(resume_dir, epochs=config.epochs)["epoch"]  # a clear error now if missing, unsafe or ahead
+        notes = resume_notes(config.methods, trained, planned, config.epochs)
     else:
         if args.method and "baseline" in args.method:
             raise ConfigError("'baseline' means no method: for train, omit --method")
@@ -250,34 +265,64 @@ def cmd_train(args) -> int:
                            device=args.device or "auto", data_dir=args.data_dir,
                            batch_size=64 if args.batch_size is None else args.batch_size,
                            save_model=args.save_model, log=list(dict.fromkeys(args.log)), **_training_config(args))
+        notes = {}
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.out) if args.out else Path("runs/train") / f"{config.task}-{stamp}"
         checkpoint = args.checkpoint
     if args.device and args.resume:
         config.device = args.device
     run = prepare(config)
-    if not args.resume:
-        check_out_dir(out_dir, args.overwrite)
-        if args.overwrite:
-            clear_outputs(out_dir)
+    check_out_dir(out_dir, args.overwrite or bool(args.resume))  # a file, an unwritable folder: exit 2 now
+    # Only one run writes into a folder at a time (under torchrun, rank 0 writes and holds it).
+    lock = FolderLock(out_dir) if env_world()[0] == 0 else None
     try:
-        record = execute(run, out_dir, progress=not args.quiet, checkpoint=checkpoint, resume=bool(args.resume))
-    except ConfigError:
-        raise
-    except Exception as e:
-        print(f"haet: training failed: {type(e).__name__}: {e}; record written to {out_dir / 'record.json'}",
-              file=sys.stderr)
+        if lock is not None:
+            lock.acquire()
+        if not args.resume:
+            check_out_dir(out_dir, args.overwrite)  # again, now that no other run can write there
+            if args.overwrite:
+                clear_outputs(out_dir)
+        record = execute(run, out_dir, progress=not args.quiet, checkpoint=checkpoint, resume=bool(args.resume),
+                         notes=notes)
+    except RunFailed as e:
+        written = f"record written to {e.record_path}" if e.record_path else "no record could be written"
+        if e.disk_full:
+            print(f"haet: training failed: no space left on device; partial files were removed, the last good "
+                  f"checkpoint (if any) is kept; {written}", file=sys.stderr)
+        else:
+            print(f"haet: training failed: {e}; {written}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if lock is not None:
+            lock.release()
     if env_world()[0] != 0:
         return EXIT_OK  # under torchrun only rank 0 reports
     if args.quiet:
         print(out_dir / "record.json")
     else:
         _print_summary(record, out_dir)
-    if record.stopped_by in ("interrupt", "nonfinite_loss"):
+    if record.stopped_by in ("interrupt", "terminated", "nonfinite_loss"):
         print(f"haet: run stopped: {record.stopped_by}; record written to {out_dir / 'record.json'}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+#: Methods whose schedule depends on the total epoch count: resumed to another total, the run
+#: differs from an uninterrupted one (said in the record and the method's card).
+EPOCH_SCHEDULED = {"mbst": "its sparsity schedule ends at update_end x the total epochs"}
+
+
+def resume_notes(methods: str, trained: int, planned: int, total: int) -> dict:
+    """What the record says about a resumed run: where it resumed, and when the total changed,
+    which methods' schedules therefore differ from an uninterrupted run."""
+    notes = {"resume/from_epoch": trained, "resume/planned_epochs": planned, "resume/epochs": total}
+    if total != planned:
+        for name in dict.fromkeys(e.split(":", 1)[0] for e in methods.split("+")):
+            if name in EPOCH_SCHEDULED:
+                notes[f"{name}/resume_note"] = (f"resumed to {total} epochs from a run planned for {planned}: "
+                                                f"{EPOCH_SCHEDULED[name]}, so this run is not identical to an "
+                                                "uninterrupted one")
+    return notes
 
 
 def _print_summary(record, out_dir: Path) -> None:
@@ -348,7 +393,8 @@ def _bytes(n) -> str:
 
 # -- bench and report --------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    from .bench import RunConfig, check_out_dir, clear_outputs, prepare, run_bench
+    from .bench import REPORT_FILES, RunConfig, bench_run_dirs, check_out_dir, clear_outputs, prepare, run_bench
+    from .core.files import FolderLock
     from .methods import split_entries
 
     from .bench import check_other_task, default_threads
@@ -358,14 +404,15 @@ def cmd_bench(args) -> int:
     out_dir = Path(args.out)
     if not args.overwrite:
         check_other_task(out_dir, args.task, args.model, args.add)
-    if not args.add:
-        check_out_dir(out_dir, args.overwrite, files=("results.csv", "report.md", "pareto.png"))
     if args.add and args.overwrite:
         raise ConfigError("--add and --overwrite contradict each other: add to the bench in --out, or replace it")
     options = _training_config(args)
     options["threads"] = default_threads() if args.threads is None else args.threads
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    run_dirs = bench_run_dirs(out_dir, entries, args.seeds)
+    if not args.add:  # with --add, the new runs go under runs/<task>/<model>/ (run_bench checks them)
+        check_out_dir(out_dir, args.overwrite, files=REPORT_FILES, run_dirs=run_dirs)
     total = len(entries) * args.seeds
     progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.description}"), console=err, disable=args.quiet)
@@ -390,21 +437,25 @@ def cmd_bench(args) -> int:
     entries, skipped = _drop_unfit(args, entries, budget, options)
     if not args.quiet:
         err.print(f"bench: {options['threads']} torch thread(s) per run (--threads), recorded in each record")
-    if args.overwrite:
-        clear_outputs(out_dir)
-    with progress:
+    with FolderLock(out_dir), progress:  # the bench's own lock (in run_bench) is the same, re-entered
+        if not args.add:
+            check_out_dir(out_dir, args.overwrite, files=REPORT_FILES, run_dirs=run_dirs)  # no other run writes there now
+        if args.overwrite:
+            clear_outputs(out_dir, REPORT_FILES)
         task = progress.add_task("", total=total)
         result = run_bench(args.task, entries, args.seeds, args.epochs, out_dir, model=args.model, budget=budget,
                            device=args.device, data_dir=args.data_dir, on_run=on_run, batch_size=args.batch_size,
                            options=options, add=args.add)
-    if not args.quiet:
+    if not args.quiet and result["summaries"]:
         _print_comparison(result["summaries"])
     for key in ("report", "pareto", "results"):
-        print(f"{key}: {result[key]}")
+        if result[key] is not None:
+            print(f"{key}: {result[key]}")
     for label, reason in skipped:
         print(f"skipped {label}: {reason}")
     if result["interrupted"]:
-        print("haet: bench interrupted; the report covers the runs that finished", file=sys.stderr)
+        print(f"haet: bench interrupted ({result['stopped_by']}); the report covers the runs that ran, each with its "
+              "record", file=sys.stderr)
         return EXIT_FAILED
     if result["failed"]:
         print(f"haet: {len(result['failed'])} run(s) failed: "

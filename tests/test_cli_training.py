@@ -90,7 +90,7 @@ def test_cifar_tarball_says_to_extract_it(tmp_path, capsys):
     tarball = tmp_path / "cifar-10-python.tar.gz"
     tarball.write_bytes(b"\x1f\x8b")
     assert main(["train", "--task", "cifar10", "--data-dir", str(tarball), "--out", str(tmp_path / "o")]) == 2
-    assert "is a file, not a directory: extract it first (tar xzf" in capsys.readouterr().err
+    assert "is the downloaded archive, not a directory: extract it first (tar xzf" in capsys.readouterr().err
 
 
 def test_summary_after_an_interrupt_names_the_step_of_the_last_evaluation():

@@ -15,6 +15,8 @@ import copy
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from .. import __version__
 from ..data.loader import Loader, TensorData, epoch_generator
 from ..meters import Meter, default_meters
-from . import checkpoint, distributed
+from . import checkpoint, distributed, files
 from .budget import Budget
 from .clock import PhaseClock
 from .errors import ConfigError
@@ -39,6 +41,26 @@ from .optim import as_schedule
 from .options import TrainOptions, as_precision, as_targets
 from .record import RunRecord, hardware_info
 from .state import State
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during a run: it stops as on Ctrl-C and keeps its record ("terminated")."""
+
+
+def on_sigterm(action: Callable[[], bool] | None = None) -> Callable[[], None]:
+    """Handle SIGTERM in the main thread until the returned function restores the previous handler
+    (installed only while a run is active, never at import). ``action()`` is called (a run asks
+    its loop to stop after the current batch); without one, or when it returns False (a second
+    SIGTERM), `Terminated` is raised where the program is."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if action is None or not action():
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -176,6 +198,7 @@ class Trainer:
         self._scaler = self.precision.scaler(device)
         self._scheduler = None
         self.record: RunRecord | None = None
+        self.record_path: Path | None = None  # set once record.json is written
         self._ddp: nn.Module | None = None
         self._method_handlers: dict[Event, list] = {}
         self._meter_handlers: dict[Event, list] = {}
@@ -207,7 +230,13 @@ class Trainer:
         self._fire(Event.FIT_START)  # methods may transform the model here (before any checkpoint loads)
         first_epoch = 1
         if payload is not None:
-            first_epoch = self._restore(payload) + 1
+            try:
+                first_epoch = self._restore(payload) + 1
+            except ConfigError:
+                raise
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+                first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"the checkpoint in {resume_from} does not fit this run: {first_line}") from None
         if self.world_size > 1:
             self._ddp = nn.parallel.DistributedDataParallel(
                 state.model, device_ids=[state.device.index] if state.device.type == "cuda" else None)
@@ -216,6 +245,7 @@ class Trainer:
 
         stopped_by = "epochs"
         self._evaluated_at_step = -1
+        restore_sigterm = on_sigterm(self._stop_on_sigterm)
         try:
             with self._progress_bar() as bar:
                 self._bar = bar
@@ -243,14 +273,16 @@ class Trainer:
                     if state.stop_reason is not None:
                         stopped_by = state.stop_reason
                         break
-        except KeyboardInterrupt:
-            stopped_by = "interrupt"
+        except KeyboardInterrupt as stop:
+            stopped_by = "terminated" if isinstance(stop, Terminated) else "interrupt"
         except Exception as err:
+            restore_sigterm()
             state.clock.pause("methods")
             self._close_loggers()
             self._finish("error", self._evaluated_at_step, error=f"{type(err).__name__}: {err}")
             raise
         finally:
+            restore_sigterm()
             self._ddp = None  # release DDP's reducer (and its communication threads) with the run
             self._bar = None
         record = self._finish(stopped_by, self._evaluated_at_step)
@@ -503,9 +535,9 @@ class Trainer:
         self.history.append(line)
         if self.rank != 0 or self.out_dir is None:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(RunRecord(history=[line]).to_dict()["history"][0]) + "\n")
+        # Never through a symlink (haet.core.files): the folder may have been prepared by someone else.
+        files.append_text(self.out_dir / "metrics.jsonl",
+                          json.dumps(RunRecord(history=[line]).to_dict()["history"][0]) + "\n")
         if self.checkpoint:
             if self.eval_data is None:
                 self._fire(Event.BEFORE_EVAL)
@@ -514,7 +546,7 @@ class Trainer:
     def _finish(self, stopped_by: str, evaluated_at_step: int, error: str | None = None) -> RunRecord:
         state = self.state
         metrics = dict(state.eval_metrics)
-        if stopped_by in ("interrupt", "error"):
+        if stopped_by in ("interrupt", "terminated", "error"):
             self._fire(Event.BEFORE_EVAL)  # pending updates are applied; no evaluation
         elif evaluated_at_step != state.step:
             with contextlib.suppress(KeyboardInterrupt):
@@ -523,7 +555,6 @@ class Trainer:
         cost: dict = {}
         for meter in self.meters:
             cost.update(meter.report(state))
-        cost = distributed.aggregate_cost(cost, state.device)
         method_metrics: dict = {}
         for method in self.methods:
             method_metrics.update(method.metrics())
@@ -534,9 +565,24 @@ class Trainer:
             epochs=state.epoch, steps=state.step, stopped_by=stopped_by, metrics=metrics,
             history=self.history, cost=cost, method_metrics=method_metrics, budget=self.budget.to_dict(),
             error=error, haet_version=__version__)
-        if self.rank == 0 and self.out_dir is not None:
-            self.record.save(self.out_dir)
+        if self.world_size > 1:
+            # The record (with this rank's costs) is saved before the collective step that can fail
+            # when another rank died; then again with the costs of all ranks.
+            self._save_record()
+            self.record.cost = distributed.aggregate_cost(cost, state.device)
+        self._save_record()
         return self.record
+
+    def _stop_on_sigterm(self) -> bool:
+        """SIGTERM: stop after the current batch and keep the record; a second one stops at once."""
+        if self.state.stop_reason == "terminated":
+            return False
+        self.state.request_stop("terminated")
+        return True
+
+    def _save_record(self) -> None:
+        if self.rank == 0 and self.out_dir is not None:
+            self.record_path = self.record.save(self.out_dir)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_payload(self) -> dict:

@@ -18,11 +18,14 @@ Bytes moved: DRAM, 640 pJ per 32-bit access (Horowitz) = 160 pJ/byte.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
 import warnings
 from dataclasses import dataclass, field
+
+from ..core.errors import ConfigError
 
 # Peak dense FLOP/s from vendor data sheets. Keys are substrings of the device name; dtypes are
 # torch dtype names. "tf32" is float32 matmul on tensor cores (torch.backends.cuda.matmul.allow_tf32).
@@ -65,15 +68,20 @@ class HardwareTable:
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "HardwareTable":
         """Read overrides from TOML: tables ``[peak_flops."My GPU"]``, ``[op_energy_pj]``
-        (``int8 = [0.2, 0.1]``) and key ``dram_pj_per_byte``."""
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        (``int8 = [0.2, 0.1]``) and key ``dram_pj_per_byte``. Any problem is a ConfigError naming
+        the file (a NaN or negative number would silently disable an energy budget)."""
+        from ..core import files
+
+        raw = files.read_bytes(path, 2**20, follow=True, what="hardware table")
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"hardware table {path} is not valid TOML: {err}") from None
         return cls().override(data, source=f"{path}")
 
     def override(self, data: dict, source: str = "user override") -> "HardwareTable":
-        unknown = set(data) - {"peak_flops", "op_energy_pj", "dram_pj_per_byte"}
-        if unknown:
-            raise ValueError(f"unknown hardware table keys {sorted(unknown)}; allowed: peak_flops, op_energy_pj, dram_pj_per_byte")
+        """This table with entries replaced by `data`'s; each checked (`check_overrides`)."""
+        check_overrides(data, source)
         peak = {**self.peak_flops, **{k: dict(v) for k, v in data.get("peak_flops", {}).items()}}
         ops = {**self.op_energy_pj, **{k: tuple(v) for k, v in data.get("op_energy_pj", {}).items()}}
         return dataclasses.replace(self, peak_flops=peak, op_energy_pj=ops,
@@ -99,6 +107,52 @@ class HardwareTable:
                 if dtype in by_dtype:
                     return by_dtype[dtype], f"table:{key}"
         return None, "unknown"
+
+
+_DTYPE_NAME = re.compile(r"float\d+|bfloat16|tf32|int\d+")
+
+
+def check_overrides(data, source: str = "user override") -> None:
+    """Refuse (ConfigError naming `source`) unknown keys, wrong shapes, and numbers that are not
+    finite and positive."""
+    def bad(what: str):
+        return ConfigError(f"hardware table {source}: {what}")
+
+    def number(v, where: str, allow_zero: bool = False) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0 or (v == 0 and not allow_zero):
+            raise bad(f"{where} must be a finite {'non-negative' if allow_zero else 'positive'} number, got {v!r}")
+
+    if not isinstance(data, dict):
+        raise bad("expected a table")
+    unknown = set(data) - {"peak_flops", "op_energy_pj", "dram_pj_per_byte"}
+    if unknown:
+        raise ConfigError(f"unknown hardware table keys {sorted(unknown)} in {source}; allowed: peak_flops, "
+                          "op_energy_pj, dram_pj_per_byte")
+    peak = data.get("peak_flops", {})
+    if not isinstance(peak, dict):
+        raise bad("peak_flops must be a table of devices")
+    for device, by_dtype in peak.items():
+        if not isinstance(by_dtype, dict) or not by_dtype:
+            raise bad(f"peak_flops.{device} must be a table of dtype = FLOP/s")
+        for dtype, v in by_dtype.items():
+            if not _DTYPE_NAME.fullmatch(dtype):
+                raise bad(f"peak_flops.{device}: unknown dtype {dtype!r} (float32, tf32, bfloat16, float16, int8, ...)")
+            number(v, f"peak_flops.{device}.{dtype}")
+    ops = data.get("op_energy_pj", {})
+    if not isinstance(ops, dict):
+        raise bad("op_energy_pj must be a table of dtype = [multiply pJ, add pJ]")
+    for dtype, pair in ops.items():
+        if not _DTYPE_NAME.fullmatch(dtype):
+            raise bad(f"op_energy_pj: unknown dtype {dtype!r} (float32, bfloat16, float16, int8, ...)")
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise bad(f"op_energy_pj.{dtype} must be [multiply pJ, add pJ]")
+        for v in pair:
+            number(v, f"op_energy_pj.{dtype}", allow_zero=True)
+        if sum(pair) <= 0:
+            raise bad(f"op_energy_pj.{dtype} must not be all zero")
+    if "dram_pj_per_byte" in data:
+        number(data["dram_pj_per_byte"], "dram_pj_per_byte")
 
 
 def cpu_peak_flops(threads: int) -> tuple[float | None, str]:

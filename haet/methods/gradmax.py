@@ -199,7 +199,9 @@ class GradMaxGrowth(Method):
         model, pairs = self._model, find_pairs(self._model)
         producer = {pair.consumer: pair for pair in pairs.values()}
         new = {}
-        for name in {n for pair in pairs.values() for n in (pair.layer, pair.consumer)}:
+        # In model order, not a set's: each make_like draws from the RNG, and a set's order changes
+        # with PYTHONHASHSEED, which made the same --seed give different weights in different processes.
+        for name in dict.fromkeys(n for pair in pairs.values() for n in (pair.layer, pair.consumer)):
             module = model.get_submodule(name)
             if name in producer:
                 in_units, spatial = widths[producer[name].layer], producer[name].spatial
@@ -222,7 +224,7 @@ def _swap(model: nn.Module, new: dict[str, nn.Module], optimizer, transfer) -> N
 def _use_grow_relu(model: nn.Module, pairs: list) -> None:
     """Swap torch ReLUs between grown layers for `GrowReLU` (same forward, derivative 1 at 0): new
     units sit at pre-activation 0, and with derivative 0 there their fan-in would never learn."""
-    relus = {b for pair in pairs for b in pair.between if type(model.get_submodule(b)) is nn.ReLU}
+    relus = dict.fromkeys(b for pair in pairs for b in pair.between if type(model.get_submodule(b)) is nn.ReLU)
     if relus:
         replace_modules(model, None, lambda n, m: GrowReLU(m.inplace) if n in relus else None, what="gradmax")
 

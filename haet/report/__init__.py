@@ -8,17 +8,23 @@
 - ``pareto.png``: accuracy against train time, energy and peak memory; one point per method (mean,
   with std bars), the baseline marked, the Pareto front (no other method both cheaper and more
   accurate) drawn as a step line.
+
+Records come from folders others may have shared: they are validated when loaded
+(`RunRecord.load`), every string from them is escaped in Markdown and CSV (`haet.core.files`), and
+the outputs are written atomically without following symlinks, with the output folder locked.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core import files
 from ..core.errors import ConfigError
 from ..core.record import RunRecord
 
@@ -126,11 +132,11 @@ def _targets(runs: list[dict]) -> str:
 
 
 def write_csv(table: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(table)
-    return path
+    buffer = io.StringIO(newline="")
+    w = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows({k: files.csv_cell(v) for k, v in row.items()} for row in table)
+    return files.write_text(path, buffer.getvalue())
 
 
 def fmt(value, key: str) -> str:
@@ -158,8 +164,9 @@ def cell(s: Summary, key: str) -> str:
 
 def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot: Path | dict | None) -> Path:
     """`plot`: one figure, or {(task, model): figure} for a report with several sections."""
-    tasks = sorted({str(r["task"]) for r in table})
-    models = sorted({str(r["model"]) for r in table})
+    md = files.md_cell  # every string from a record is escaped: one line, no markup
+    tasks = sorted({md(r["task"]) for r in table})
+    models = sorted({md(r["model"]) for r in table})
     seeds = sorted({r["seed"] for r in table})
     sections = list(dict.fromkeys((s.task, s.model) for s in summaries))
     lines = [f"# haet report: {', '.join(tasks)} ({', '.join(models)})", "",
@@ -174,7 +181,7 @@ def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot
     targets = any(s.targets for s in summaries)
     for task, model in sections:
         if len(sections) > 1:
-            lines += [f"## {task} / {model}", ""]
+            lines += [f"## {md(task)} / {md(model)}", ""]
         lines += ["| method | runs | " + " | ".join(f"{h} ({u})" if u else h for _, h, u, _ in QUANTITIES)
                   + (" | time to target |" if targets else " |") + " energy source | stopped by |"
                   + (" timing |" if contended else ""),
@@ -182,16 +189,15 @@ def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot
                   + ("---|" if contended else "")]
         for s in (s for s in summaries if (s.task, s.model) == (task, model)):
             mark = (f" ⚠ {s.contended}/{s.runs} contended |" if s.contended else " ok |") if contended else ""
-            lines.append(f"| {s.method} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
-                         + (f" | {s.targets or '–'}" if targets else "") + f" | {s.energy_source} | {s.stopped_by} |"
-                         + mark)
+            lines.append(f"| {md(s.method)} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
+                         + (f" | {md(s.targets) if s.targets else '–'}" if targets else "")
+                         + f" | {md(s.energy_source)} | {md(s.stopped_by)} |" + mark)
         figure = plot.get((task, model)) if isinstance(plot, dict) else plot
         if figure is not None:
             lines += ["", f"![accuracy against cost]({figure.name})"]
         lines.append("")
     lines += ["Per-run rows: `results.csv`; full records: the `record.json` files it lists.", ""]
-    path.write_text("\n".join(lines))
-    return path
+    return files.write_text(path, "\n".join(lines))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -240,31 +246,39 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 6)), fontsize=8, frameon=False)
     fig.suptitle(title or "accuracy against cost (baseline: black star; mean ± std over seeds)")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # into a file haet opened itself: never through a symlink
+        files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 
 def build_report(dirs, out: Path | None = None) -> dict:
     """Write results.csv, report.md and pareto.png for the records under `dirs` into `out`."""
     records = find_records(dirs)
-    out = Path(out) if out is not None else Path(dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
+    first = Path(dirs[0])
+    out = Path(out) if out is not None else (first.parent if first.is_file() else first)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a folder")
+    for name in ("pareto.png", "results.csv", "report.md"):
+        files.check_writable_path(out / name)  # a link or a folder in the way: refused before anything is written
     table = rows(records)
     summaries = summarize(table)
     plots = {}
-    for i, (task, model) in enumerate(groups(table)):
-        name = "pareto.png" if i == 0 else f"pareto-{_slug(task)}-{_slug(model)}.png"
-        plots[(task, model)] = plot_pareto([s for s in summaries if (s.task, s.model) == (task, model)], out / name,
-                                           title=f"{task} / {model}: accuracy against cost "
-                                           "(baseline: black star; mean ± std over seeds)")
-    plot = next(iter(plots.values()))
-    return {"results": write_csv(table, out / "results.csv"), "report": write_markdown(table, summaries, out / "report.md", plots),
-            "pareto": plot, "pareto_all": list(plots.values()), "summaries": summaries, "rows": table,
-            "records": [r for _, r in records]}
+    with files.FolderLock(out):
+        for i, (task, model) in enumerate(groups(table)):
+            name = "pareto.png" if i == 0 else f"pareto-{_slug(task)}-{_slug(model)}.png"
+            plots[(task, model)] = plot_pareto([s for s in summaries if (s.task, s.model) == (task, model)],
+                                               out / name, title=f"{files.plain(task)} / {files.plain(model)}: "
+                                               "accuracy against cost (baseline: black star; mean ± std over seeds)")
+        plot = next(iter(plots.values()))
+        return {"results": write_csv(table, out / "results.csv"),
+                "report": write_markdown(table, summaries, out / "report.md", plots),
+                "pareto": plot, "pareto_all": list(plots.values()), "summaries": summaries, "rows": table,
+                "records": [r for _, r in records]}
 
 
 def _slug(text) -> str:
