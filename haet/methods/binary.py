@@ -49,8 +49,8 @@ from ._binary_ops import WEIGHT_LAYERS, binarize_, count_binary, prox_binary_pen
 
 @dataclass(frozen=True)
 class ExactPenaltyConfig:
-    rho: float = 0.05        # ρ: the prox moves a weight by ρ·lr per step (Adam: units of its normalized step, ~1)
-    rho_growth: float = 2.0  # ρ ← ρ·rho_growth after each epoch: learn first, then exactly binary (ρ > ~1)
+    rho: float = 0.005       # ρ: the prox moves a weight by ρ·lr per step (Adam: units of its normalized step, ~1)
+    rho_growth: float = 3.0  # ρ ← ρ·rho_growth after each epoch: learn first, then exactly binary (ρ > ~1)
     binarize_first_last: bool = True  # also the first and last layers (False keeps them float)
     snap_at_end: bool = True          # project weights not yet binary at the end, so the result is binary
 
