@@ -149,7 +149,7 @@ def apply_binary_connect(model: nn.Module, config: BinaryConnectConfig | None = 
 
 class ExactPenaltyBinary(Method):
     name = "binary_penalty"
-    summary = "exact penalty, proximal step after the optimizer: weights exactly ±scale per layer in finitely many steps"
+    summary = "exact penalty, proximal step after the optimizer: weights exactly ±scale in finitely many steps"
     paper = "Dockhorn, Yu, Partovi Nia, Sari: An exact penalty method for binary training (HAET @ ICLR 2021)"
     config_class = ExactPenaltyConfig
     owns = frozenset({"weight_format", "weight_sparsity"})
@@ -180,6 +180,8 @@ class ExactPenaltyBinary(Method):
 
     def after_step(self, state) -> None:
         self.penalty.prox_step()
+        # the prox: |w|, a difference, a clamp, a product and a sign per weight
+        state.charge(flops=5 * sum(w.numel() for w in self.weights), what="binary_penalty/prox")
         self.fraction = self.penalty.fraction_binary()
         if self.fraction < 1.0:
             self.first_all_binary_step = None

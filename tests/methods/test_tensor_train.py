@@ -251,7 +251,8 @@ def test_method_records_memory_and_ranks_and_resumes(tmp_path, tiny_data):
     assert isinstance(model[1], TensorTrainLinear) and isinstance(model[3], TensorTrainLinear)
     assert record.method_metrics["tensor_train/grad_bytes"] == 4 * sum(p.numel() for p in model.parameters())
     assert record.method_metrics["tensor_train/dense_param_bytes"] == 4 * (64 * 48 + 48 + 48 * 4 + 4)
-    assert record.history[-1]["tensor_train/memory_ratio_layers"] == record.method_metrics["tensor_train/memory_ratio_layers"]
+    final = record.method_metrics["tensor_train/memory_ratio_layers"]
+    assert record.history[-1]["tensor_train/memory_ratio_layers"] == final
     run(1, tmp_path / "b")
     resumed, resumed_model = run(2, tmp_path / "b", resume=True)
     for (k, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
