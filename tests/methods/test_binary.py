@@ -49,6 +49,8 @@ def penalized_descent(x, y, rho: float, eta: float = 0.05, steps: int = 1500):
             first = None
         elif first is None:
             first, at_first = step, w.detach().clone()
+        elif step >= first + 200:   # binary for 200 steps in a row: it stays (the final check)
+            break
     return first, at_first, w.detach()
 
 
