@@ -55,7 +55,7 @@ class TensorTrainConfig:
     bits: int = 8                  # cores fake-quantized to this many bits in the forward (paper: 4 or 8); 32 = off
     init: Literal["random", "svd"] = "random"  # random: from scratch; svd: TT-SVD of the dense weights
     prior_weight: float = 2.0      # ρ of the prior's proximal step, learning rates per step; 0 = fixed ranks
-    #                                (digits MLP, 6 epochs: 2 removed 6 of 64 slices at −1.1 pt; 10 cost 10 pt)
+    #                                (digits MLP, 6 epochs: 2 removed 6 of 64 slices at −1.1 pt; 10 cost 11 pt)
     prior_scale: float = 1.0       # η of each slice's half-Cauchy(0, η) hyperprior on its standard deviation
     prune_threshold: float = 1e-2  # at epoch ends remove slices with λ < this × the edge's largest (1/10 of its scale)
     min_params: int = 4096         # dense layers with fewer weights (in × out) stay dense: too small to pay
