@@ -20,6 +20,11 @@ einsum (slow without opt_einsum), and it has neither rank pruning nor quantized 
 ``bits`` (2–16) fake-quantizes each core in the forward, symmetric, one float scale per core,
 with straight-through gradients: the stored master cores stay float32 (what is trained), the
 forward sees the values a ``bits``-bit device would store.
+
+Rank slices: slice j of internal edge k is the pair (G_k[..., j], G_{k+1}[j, ...]); removing it
+(`keep_slices`) lowers r_k by one and deletes exactly that slice's term of W. Each edge carries a
+buffer ``rank_scale_k`` (r_k variances λ_k; core k's entries have prior variance λ_{k-1,a} λ_{k,b},
+λ_0 = λ_d = 1), which `haet.methods.tensor_train` learns; they travel with the model's state.
 """
 
 from __future__ import annotations
@@ -137,11 +142,17 @@ class TensorTrainLinear(nn.Module):
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(bounds[k], in_modes[k], out_modes[k], bounds[k + 1])) for k in range(d))
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        for k, r in enumerate(ranks):
+            self.register_buffer(f"rank_scale_{k}", torch.ones(r))
         self.reset_parameters()
 
     @property
     def ranks(self) -> tuple[int, ...]:
         return tuple(c.shape[-1] for c in self.cores[:-1])
+
+    def rank_scales(self) -> list[torch.Tensor]:
+        """The prior variances of each internal edge's slices (buffers ``rank_scale_k``)."""
+        return [getattr(self, f"rank_scale_{k}") for k in range(len(self.cores) - 1)]
 
     def reset_parameters(self) -> None:
         """Random cores whose rebuilt W has nn.Linear's weight variance, 1 / (3 in_features).
@@ -209,6 +220,15 @@ class TensorTrainLinear(nn.Module):
         return forward, 2 * forward - (0 if input_requires_grad else per_core[0])
 
     # -- rank adaptation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def canonicalize_(self) -> None:
+        """Rewrite the cores in TT-canonical form (`tt_round` without truncation; W unchanged up
+        to float rounding): slice j of edge k is then the edge's j-th singular direction."""
+        cores, _ = tt_round([c.detach() for c in self.cores], 0.0)
+        if [c.shape for c in cores] == [c.shape for c in self.cores]:
+            for core, value in zip(self.cores, cores):
+                core.copy_(value)
+
     def edge_spectra(self) -> list[torch.Tensor]:
         """The singular values at each internal edge (of W unfolded there), from `tt_round`."""
         return tt_round([c.detach() for c in self.cores], 0.0)[1]
@@ -227,7 +247,20 @@ class TensorTrainLinear(nn.Module):
             old = self.cores[k]
             self.cores[k] = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
             changed.append((old, self.cores[k]))
+        for k, r in enumerate(self.ranks):  # a new basis: the slice variances start over
+            setattr(self, f"rank_scale_{k}", self.cores[k].new_ones(r))
         return changed
+
+    def keep_slices(self, edge: int, keep: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """Keep only the slices `keep` (indices, ascending) of internal edge `edge`: cores `edge` and
+        `edge + 1` lose the other slices, W loses exactly their terms; returns (old, new) pairs."""
+        keep = keep.to(device=self.cores[edge].device)
+        left, right = self.cores[edge], self.cores[edge + 1]
+        new_left = nn.Parameter(left.detach().index_select(3, keep).contiguous(), requires_grad=left.requires_grad)
+        new_right = nn.Parameter(right.detach().index_select(0, keep).contiguous(), requires_grad=right.requires_grad)
+        self.cores[edge], self.cores[edge + 1] = new_left, new_right
+        setattr(self, f"rank_scale_{edge}", getattr(self, f"rank_scale_{edge}").index_select(0, keep))
+        return [(left, new_left), (right, new_right)]
 
     def keep_ranks(self, ranks: Sequence[int]) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Cut the cores to `ranks` (the leading indices): restores a saved shape before its values load."""
@@ -238,6 +271,8 @@ class TensorTrainLinear(nn.Module):
                 self.cores[k] = nn.Parameter(old.detach()[:bounds[k], :, :, :bounds[k + 1]].clone(),
                                              requires_grad=old.requires_grad)
                 changed.append((old, self.cores[k]))
+        for k, r in enumerate(ranks):
+            setattr(self, f"rank_scale_{k}", getattr(self, f"rank_scale_{k}")[:r].clone())
         return changed
 
     def extra_repr(self) -> str:

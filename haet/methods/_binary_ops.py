@@ -1,5 +1,5 @@
-"""Kernels and layers of `haet.methods.binary`: the exact penalty's gradient, the projection onto
-{±scale}, and the straight-through binarized Linear/Conv layers of BinaryConnect."""
+"""Kernels and layers of `haet.methods.binary`: the exact penalty's proximal map, the projection
+onto {±scale}, and the straight-through binarized Linear/Conv layers of BinaryConnect."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @torch.no_grad()
-def add_penalty_grad_(w: torch.Tensor, rho: float) -> None:
-    """In place: ``w.grad += ∂/∂w ρ·(scale − |w|) = −ρ·sign(w)`` (sign(0) = +1)."""
-    penalty = torch.where(w >= 0, -rho, rho).to(w.dtype)
-    if w.grad is None:
-        w.grad = penalty
-    else:
-        w.grad.add_(penalty)
+def prox_binary_penalty_(w: torch.Tensor, scale: float, t: float) -> torch.Tensor:
+    """In place: ``w ← prox_{t·P}(w)`` for the exact penalty ``P(w) = Σ_i | |w_i| − scale |``.
+
+    Each entry moves toward the nearer of ±scale by `t` and lands exactly on it when it is
+    closer than `t` (the minimizer of ``t·| |u| − scale | + ½(u − w)²``; sign(0) = +1). This is
+    why the penalty is exact: a weight within `t` of ±scale becomes exactly ±scale.
+    """
+    magnitude = w.abs()
+    gap = magnitude - scale
+    magnitude = scale + gap.sign() * (gap.abs() - t).clamp_min(0)
+    return w.copy_(torch.where(w >= 0, magnitude, -magnitude))
 
 
 @torch.no_grad()

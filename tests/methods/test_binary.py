@@ -1,5 +1,7 @@
-"""binary_penalty and binary_connect: finite, exact convergence to binary weights on a convex
-problem, ρ as the speed knob, the Trainer's binary metrics, BinaryConnect's forward and gradient."""
+"""binary_penalty and binary_connect: the exact penalty's proximal map, applied after the optimizer's
+step (never through its moments); finite, exact convergence to binary weights on a convex problem,
+ρ as the speed knob, the Trainer's binary metrics, BinaryConnect's forward and gradient, and
+refusal of models with nothing to binarize."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import torch.nn.functional as F
 import haet
 from haet.core.errors import ConfigError
 from haet.methods import parse_entry, parse_method
-from haet.methods._binary_ops import BinaryConnectLinear
-from haet.methods.binary import (apply_binary_connect, binary_layers, exact_penalty_grad, fraction_binary,
-                                 project_box)
+from haet.methods._binary_ops import BinaryConnectLinear, prox_binary_penalty_
+from haet.methods.binary import (BinaryConnect, ExactPenalty, ExactPenaltyBinary, apply_binary_connect,
+                                 apply_exact_penalty, binary_layers, fraction_binary)
 from haet.models import build_model
 
 from ..conftest import tiny_cnn
@@ -31,22 +33,24 @@ def logistic_problem(n: int = 400, d: int = 12):
 
 
 def penalized_descent(x, y, rho: float, eta: float = 0.05, steps: int = 1500):
-    """Projected gradient descent on f + ρP over [−1, 1]^d: (first step of the final all-binary
-    stretch or None, weights at that step, final weights)."""
+    """Proximal gradient descent on f + ρP: (first step of the final all-binary stretch or None,
+    weights at that step, final weights)."""
     w = (0.01 * torch.randn(x.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     w.requires_grad_()
+    penalty = ExactPenalty(["w"], [w], [1.0], rho, optimizer=None, lr=eta)
     first, at_first = None, None
     for step in range(1, steps + 1):
         w.grad = None
         F.softplus(-y * (x @ w)).mean().backward()
-        exact_penalty_grad([w], rho)
         with torch.no_grad():
             w -= eta * w.grad
-        project_box([w], [1.0])
+        penalty.prox_step()                                   # W ← prox_{ηρP}(W − η∇f)
         if fraction_binary([w], [1.0]) < 1.0:
             first = None
         elif first is None:
             first, at_first = step, w.detach().clone()
+        elif step >= first + 200:   # binary for 200 steps in a row: it stays (the final check)
+            break
     return first, at_first, w.detach()
 
 
@@ -68,11 +72,37 @@ def test_larger_rho_reaches_the_binary_point_in_fewer_steps():
     assert all(a > b for a, b in zip(steps, steps[1:])), steps
 
 
-def test_penalty_gradient_is_minus_rho_sign():
-    w = torch.tensor([-0.5, 0.0, 0.25], requires_grad=True)
-    w.grad = torch.tensor([1.0, 1.0, 1.0])
-    exact_penalty_grad([w], 0.3)
-    assert torch.allclose(w.grad, torch.tensor([1.3, 0.7, 0.7]))
+def test_prox_moves_each_weight_toward_the_nearer_sign_and_lands_exactly():
+    w = torch.tensor([-0.5, 0.0, 0.25, 0.95, 1.3, -1.02, 1.0])
+    prox_binary_penalty_(w, 1.0, 0.1)
+    assert torch.allclose(w, torch.tensor([-0.6, 0.1, 0.35, 1.0, 1.2, -1.0, 1.0]))
+    assert w[3] == 1.0 and w[5] == -1.0 and w[6] == 1.0                 # within t of ±1: exactly ±1
+    # it is the minimizer of t·| |u| − 1 | + ½(u − w)² (checked on a fine grid)
+    grid = torch.linspace(-2, 2, 40001, dtype=torch.float64)
+    for value in (-0.5, 0.03, 0.25, 0.95, 1.3):
+        best = grid[(0.1 * (grid.abs() - 1).abs() + 0.5 * (grid - value) ** 2).argmin()]
+        out = torch.tensor([value], dtype=torch.float64)
+        assert float(prox_binary_penalty_(out, 1.0, 0.1)) == pytest.approx(float(best), abs=1e-4)
+
+
+def test_the_prox_runs_after_the_optimizer_step_and_never_through_its_moments():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    model, reference = tiny_cnn(), tiny_cnn()
+    reference.load_state_dict(model.state_dict())
+    trainer = haet.Trainer(model, [(x, y)], [(x, y)], optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
+                           methods=[ExactPenaltyBinary(rho=0.5, snap_at_end=False)], progress=False)
+    trainer.fit(1)                                                      # one batch: one step
+    opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    penalty = apply_exact_penalty(reference, ExactPenaltyBinary.config_class(rho=0.5), optimizer=opt)
+    assert penalty.names == ["0", "3"]                                  # α_l from the initial weights
+    F.cross_entropy(reference(x), y).backward()
+    opt.step()                                                          # the step on f alone
+    penalty.prox_step()                                                 # then the prox, t = ρ·lr
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+    adam = trainer.state.optimizer.state[model[0].weight]
+    assert torch.allclose(adam["exp_avg"], opt.state[reference[0].weight]["exp_avg"])   # moments saw ∇f only
 
 
 def test_trainer_records_the_first_all_binary_step_and_the_fraction_per_epoch(trainer_factory):
@@ -80,8 +110,8 @@ def test_trainer_records_the_first_all_binary_step_and_the_fraction_per_epoch(tr
                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     record = trainer.fit(3)
     m = record.method_metrics
-    # Gradients here are far below ρ = 1: each step moves every weight ≥ 0.1·(1 − G) outward,
-    # and the largest scale (the conv's, mean |W| of a 3×3 kernel init) is < 0.2: 2 steps suffice.
+    # SGD's steps here are far below the prox's t = ρ·lr = 0.1, and the largest scale (the conv's,
+    # mean |W| of a 3×3 kernel init) is < 0.2: every weight is exactly ±α within 2 steps and stays.
     assert m["binary_penalty/first_all_binary_step"] is not None and m["binary_penalty/first_all_binary_step"] <= 3
     assert m["binary_penalty/fraction_binary"] == 1.0 and m["binary_penalty/snapped_fraction"] == 0.0
     assert [h["binary_penalty/fraction_binary"] for h in record.history] == [1.0, 1.0, 1.0]
@@ -146,6 +176,16 @@ def test_bad_parameters_and_conflicts_are_clear_errors():
     with pytest.raises(ConfigError, match="binary_penalty and binary_connect cannot run together"):
         haet.Trainer(tiny_cnn(), [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))],
                      methods=parse_entry("binary_penalty+binary_connect"))
+
+
+@pytest.mark.parametrize("method", [ExactPenaltyBinary, BinaryConnect])
+def test_a_model_with_nothing_to_binarize_is_refused(method):
+    batch = [(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))]
+    no_layer = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(64))
+    with pytest.raises(ConfigError, match="nothing to binarize.*no nn.Linear or nn.Conv"):
+        haet.Trainer(no_layer, batch, methods=[method()], progress=False).fit(1)
+    with pytest.raises(ConfigError, match="binarize_first_last=False leaves none of its 2"):
+        haet.Trainer(tiny_cnn(), batch, methods=[method(binarize_first_last=False)], progress=False).fit(1)
 
 
 def test_resume_restores_the_penalty_state(trainer_factory, tmp_path):
