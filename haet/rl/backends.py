@@ -42,7 +42,7 @@ class LocalBackend:
             try:
                 results.append(call())
             except Exception as e:
-                raise ActorError(f"actor {i} failed: {type(e).__name__}: {e}") from e
+                raise ActorError(f"actor {i % len(self.actors)} failed: {type(e).__name__}: {e}") from e
         return results
 
     def put(self, payload: dict) -> dict:
@@ -84,7 +84,8 @@ class RayBackend:
     def gather(self, ticket: list) -> list:
         ray = self.ray
         results = []
-        for i, ref in enumerate(ticket):
+        for k, ref in enumerate(ticket):
+            i = k % len(self.actors)  # a ticket may hold several calls per actor, in actor order
             try:
                 results.append(ray.get(ref, timeout=self.timeout_s))
             except ray.exceptions.GetTimeoutError:
