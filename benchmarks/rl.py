@@ -1,6 +1,6 @@
 """ActorQ: int8 / fp16 / fp32 actors against each other, from one inference to the whole run.
 
-    python benchmarks/rl.py [--widths 256,1024,2048] [--e2e-widths 256] [--seeds 3] [--skip-e2e]
+    python benchmarks/rl.py [--widths 256,1024,2048] [--e2e-widths 2048] [--seeds 3] [--skip-e2e | --e2e-only]
 
 Three parts, each interleaving the precisions (int8, fp16, fp32 in turn) after an untimed warm-up:
 1. Actor inference: one batch-1 forward of a depth-3 MLP policy on CartPole states, one thread,
@@ -130,8 +130,10 @@ def learner_cost(widths: list[int]) -> None:
 def end_to_end(width: int, seeds: int, budget_s: float) -> None:
     import ray
 
-    print(f"\n3. end to end on Ray: DQN CartPole to mean return 195, 2 actors, policy {width}x3, "
-          f"learner threads {torch.get_num_threads()}, budget {budget_s:.0f} s per run")
+    print(f"\n3. end to end on Ray: DQN CartPole to mean return 195, 2 actors (1 thread each), policy {width}x3, "
+          f"learner threads {RLConfig().learner_threads}, replay ratio {RLConfig().updates_per_step:g}, "
+          f"budget {budget_s:.0f} s per run")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     temp = tempfile.mkdtemp(prefix="haet-ray-bench-")
     t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR", log_to_driver=False)
@@ -171,12 +173,14 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--e2e-only", action="store_true", help="run part 3 only")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     header()
-    inference(widths, args.calls, args.repeats)
-    actor_steps([w for w in widths if w in (256, 2048)] or widths, 500, 3)
-    learner_cost(widths)
+    if not args.e2e_only:
+        inference(widths, args.calls, args.repeats)
+        actor_steps([w for w in widths if w in (256, 2048)] or widths, 500, 3)
+        learner_cost(widths)
     if not args.skip_e2e:
         for w in (int(x) for x in args.e2e_widths.split(",")):
             end_to_end(w, args.seeds, args.budget_s)

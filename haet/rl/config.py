@@ -29,6 +29,8 @@ class RLConfig:
     policy_depth: int = 3              # hidden layers (the paper: 3)
     backend: str = "ray"
     device: str = "auto"               # the learner's device; actors always run on CPU
+    learner_threads: int = 1           # the learner's torch threads (local backend: the actors' too); on a
+                                       # CPU shared with actors more threads mostly wait on each other
     seed: int = 0
     refresh_every: int = 100           # learner steps between weight broadcasts (checked once per round)
     steps_per_round: int = 50          # env steps each actor takes between two exchanges with the learner
@@ -61,6 +63,7 @@ class RLConfig:
         check_range("actors", self.actors, 1, 64, integer=True)
         check_range("policy_width", self.policy_width, 1, 16_384, integer=True)
         check_range("policy_depth", self.policy_depth, 1, 16, integer=True)
+        check_range("learner_threads", self.learner_threads, 1, 1024, integer=True)
         check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
         for name in ("refresh_every", "steps_per_round", "batch_size", "eval_every", "eval_episodes"):
             check_range(name, getattr(self, name), 1, None, integer=True)

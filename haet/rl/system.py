@@ -60,6 +60,8 @@ class ActorQ:
         if budget.is_empty() and until is None:
             raise ConfigError("give a budget (time=..., steps=...) or --until return=..., or the run never ends")
         device = _device(config.device)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.learner_threads)
         torch.manual_seed(config.seed)
         run = _Run(config, budget, until, device)
         self.learner = run.learner
@@ -84,7 +86,9 @@ class ActorQ:
         finally:
             if backend is not None:
                 backend.close()
-        return run.record(time.perf_counter() - t_wall)
+            record = run.record(time.perf_counter() - t_wall)
+            torch.set_num_threads(threads)
+        return record
 
 
 class _Run:
@@ -173,6 +177,8 @@ class _Run:
         for _ in range(max(0, owed)):
             self.learner.update(self.buffer.sample(c.batch_size))
             self.learner_steps += 1
+            if self.budget.time_s is not None and self.elapsed() >= self.budget.time_s:
+                break  # a long backlog (the first round after learning_starts) must not overrun the budget
         self.m["learner_s"] += time.perf_counter() - t
 
     def _take(self, r: dict) -> None:
@@ -238,7 +244,8 @@ class _Run:
                    "return_std": float(np.std(self.last_eval)) if self.last_eval else None,
                    "eval_episodes": len(self.last_eval)}
         params = {k: getattr(c, k) for k in ("algo", "actors", "actor_precision", "policy_width", "policy_depth",
-                                             "backend", "refresh_every", "steps_per_round", "updates_per_step")}
+                                             "backend", "refresh_every", "steps_per_round", "updates_per_step",
+                                             "learner_threads")}
         hardware = hardware_info(self.device)
         hardware["actor_threads"] = 1 if c.backend == "ray" else hardware["threads"]
         return RunRecord(

@@ -15,7 +15,8 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.mark.ray
-def test_ray_two_actors_learn_cartpole_and_a_killed_actor_is_an_error():
+def test_ray_two_actors_learn_cartpole_and_a_killed_actor_is_an_error(monkeypatch):
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # present behaviour, without its warning
     temp = tempfile.mkdtemp(prefix="haet-ray-test-")
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR", log_to_driver=False)
     try:
