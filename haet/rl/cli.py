@@ -62,9 +62,10 @@ def run(args) -> int:
     clash = set(raw) & set(given)
     if clash:
         raise ConfigError(f"--set {', '.join(sorted(clash))}: use the option of that name instead")
-    base = parse_params(RLConfig, raw, owner="rl") if raw else RLConfig()
+    # --set values are typed by parsing them into a config; only the keys given are taken from it.
+    parsed = parse_params(RLConfig, raw, owner="rl") if raw else None
     try:
-        config = RLConfig(**{**_fields(base), **given})
+        config = RLConfig(**{**{k: getattr(parsed, k) for k in raw}, **given})
     except TypeError as e:
         raise ConfigError(str(e)) from None
     budget = Budget.parse(args.budget) if args.budget else Budget()
@@ -89,12 +90,6 @@ def run(args) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-def _fields(config) -> dict:
-    from dataclasses import fields
-
-    return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:

@@ -156,6 +156,11 @@ class _Run:
             kind = self.budget.exhausted({"steps": self.learner_steps, "train_s": self.elapsed()})
             if kind is not None:
                 self.stopped_by = f"budget:{kind}"
+                if not self.history or self.history[-1]["learner_steps"] != self.learner_steps:
+                    # the record's return is of the final policy
+                    if self.learner_steps != last_broadcast:
+                        pending = pending + self._broadcast(backend)
+                    self._evaluate(backend, pending)
                 return
 
     def elapsed(self) -> float:

@@ -158,3 +158,20 @@ def _rollout_states(policy, episodes: int, seed: int) -> torch.Tensor:
             obs, _, terminated, truncated, _ = env.step(action)
             done = terminated or truncated
     return torch.as_tensor(np.array(states), dtype=torch.float32)
+
+
+def test_ddpg_on_pendulum_int8_actions_stay_in_bounds_and_close_to_fp32():
+    config = RLConfig(env="Pendulum-v1", backend="local", actors=1, policy_width=64, policy_depth=2, seed=0,
+                      learning_starts=200, eval_episodes=1)
+    system = ActorQ(config)
+    record = system.run(budget=Budget(steps=100))
+    assert record.stopped_by == "budget:steps" and record.steps == 100
+    assert record.metrics["eval_episodes"] == 1 and record.metrics["return"] < 0  # Pendulum's rewards are <= 0
+    policy = system.learner.policy.cpu().eval()
+    states = torch.as_tensor(np.random.default_rng(0).uniform([-1, -1, -8], [1, 1, 8], (500, 3)), dtype=torch.float32)
+    actor = quantize_policy(make_policy(3, 1, 64, 2, action_scale=2.0), "int8")
+    load_weights(actor, encode_weights(policy, "int8"))
+    with torch.no_grad():
+        ref, got = policy(states), actor(states)
+    assert got.abs().max() <= 2.0
+    assert (got - ref).abs().max() <= 0.05 * 4.0  # within 5% of the action range [-2, 2]
