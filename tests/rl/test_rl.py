@@ -175,3 +175,14 @@ def test_ddpg_on_pendulum_int8_actions_stay_in_bounds_and_close_to_fp32():
         ref, got = policy(states), actor(states)
     assert got.abs().max() <= 2.0
     assert (got - ref).abs().max() <= 0.05 * 4.0  # within 5% of the action range [-2, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the learner on the GPU, actors on CPU")
+def test_learner_on_cuda_actors_on_cpu():
+    config = RLConfig(env="CartPole-v1", backend="local", actors=1, policy_width=16, policy_depth=1, seed=0,
+                      device="cuda", learning_starts=100, eval_episodes=1)
+    system = ActorQ(config)
+    record = system.run(budget=Budget(steps=20))
+    assert record.device.startswith("cuda") and record.steps == 20
+    assert next(system.learner.policy.parameters()).is_cuda
+    assert record.method_metrics["rl/broadcasts"] >= 1  # CUDA weights were encoded for the CPU actors
