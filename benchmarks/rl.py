@@ -127,6 +127,33 @@ def learner_cost(widths: list[int]) -> None:
         print(f"   width {width:>5}: {statistics.median(times) * 1e3:8.1f} ms per learner step")
 
 
+def ray_throughput(width: int, seconds: float, repeats: int) -> None:
+    """Env steps/s of the whole acting pipeline on Ray (2 actors, transitions into the learner's
+    buffer) with the learner idle (learning_starts = buffer size), int8 and fp32 interleaved."""
+    import ray
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    temp = tempfile.mkdtemp(prefix="haet-ray-bench-")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR", log_to_driver=False)
+    print(f"\n2b. end-to-end env steps/s on Ray, 2 actors (1 thread each), policy {width}x3, no learning, "
+          f"{seconds:.0f} s per run, {repeats} repeat(s), epsilon 0.05 (95% of steps run the policy)")
+    rates = {"int8": [], "fp32": []}
+    try:
+        for _ in range(repeats):
+            for p in ("int8", "fp32"):
+                config = RLConfig(env="CartPole-v1", backend="ray", actors=2, actor_precision=p, policy_width=width,
+                                  policy_depth=3, seed=0, learning_starts=50_000, explore_steps=1, eval_every=10**9)
+                r = train(config, budget=Budget(time_s=seconds))
+                rates[p].append(r.method_metrics["rl/actor_steps_per_s"])
+                mm = r.method_metrics
+                print(f"   {p}: {mm['rl/actor_steps_per_s']:.0f} env steps/s (inference {mm['rl/inference_s']:.1f} s, "
+                      f"env {mm['rl/env_s']:.1f} s summed over actors)")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    print(f"   median int8 / fp32: {statistics.median(rates['int8']) / statistics.median(rates['fp32']):.2f}x")
+
+
 def end_to_end(width: int, seeds: int, budget_s: float) -> None:
     import ray
 
@@ -174,13 +201,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--e2e-only", action="store_true", help="run part 3 only")
+    ap.add_argument("--ray-throughput-only", action="store_true", help="run part 2b only")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     header()
+    if args.ray_throughput_only:
+        ray_throughput(2048, 30.0, 1)
+        load()
+        return
     if not args.e2e_only:
         inference(widths, args.calls, args.repeats)
         actor_steps([w for w in widths if w in (256, 2048)] or widths, 500, 3)
         learner_cost(widths)
+        ray_throughput(2048, 30.0, 1)
     if not args.skip_e2e:
         for w in (int(x) for x in args.e2e_widths.split(",")):
             end_to_end(w, args.seeds, args.budget_s)
