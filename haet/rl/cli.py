@@ -14,8 +14,6 @@ from ..core.errors import ConfigError
 
 HELP = "distributed RL (ActorQ): quantized actors, fp32 learner, on Ray or in one process"
 
-RECORD_FILES = ("record.json",)
-
 
 def add_arguments(p) -> None:
     p.add_argument("--env", default="CartPole-v1", help="CartPole-v1, Acrobot-v1, MountainCar-v0 (dqn) or Pendulum-v1 (ddpg)")
