@@ -202,18 +202,19 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--e2e-only", action="store_true", help="run part 3 only")
     ap.add_argument("--ray-throughput-only", action="store_true", help="run part 2b only")
+    ap.add_argument("--ray-repeats", type=int, default=3, help="repeats of part 2b (30 s per precision each)")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     header()
     if args.ray_throughput_only:
-        ray_throughput(2048, 30.0, 1)
+        ray_throughput(2048, 30.0, args.ray_repeats)
         load()
         return
     if not args.e2e_only:
         inference(widths, args.calls, args.repeats)
         actor_steps([w for w in widths if w in (256, 2048)] or widths, 500, 3)
         learner_cost(widths)
-        ray_throughput(2048, 30.0, 1)
+        ray_throughput(2048, 30.0, args.ray_repeats)
     if not args.skip_e2e:
         for w in (int(x) for x in args.e2e_widths.split(",")):
             end_to_end(w, args.seeds, args.budget_s)
