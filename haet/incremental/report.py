@@ -53,7 +53,8 @@ def write_plot(results: list[dict], path: Path, mm: dict) -> Path:
     ax.plot(u, [mm["incremental/user_accuracy_before"]] + [r["user_accuracy"] for r in results], "o-", label="user (held out)")
     ax.plot(u, [mm["incremental/global_accuracy_before"]] + [r["global_accuracy"] for r in results], "s-",
             label="global test")
-    ax.set_xlabel("update")
+    ax.set_xticks(u)
+    ax.set_xlabel("update (0: the pre-trained model)")
     ax.set_ylabel("accuracy")
     ax2 = ax.twinx()
     cum, t = [0.0], 0.0
