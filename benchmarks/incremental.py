@@ -6,7 +6,8 @@ Incremental (mnist5k, mnist5k-cnn pre-trained on the global 3/4 of the training 
 the other 1/4 under --shift): the same U updates (3 epochs each, Adam 1e-3) run as
 full fine-tuning, last-layer, last-layer + feature cache, last-layer + cache + global mixing
 (mix 0.1). Time per update = training time + cache fill (median over updates and repeats), wall and
-CPU seconds of this process; ratios use CPU seconds, since the machine is shared. Accuracies after the last update (deterministic seeds).
+CPU seconds of this process; ratios use CPU seconds, since the machine is shared. Accuracies
+after the last update (deterministic seeds).
 Few labels: prototype (random-init trunk, and the pre-trained trunk) and FixMatch-like (from
 scratch, --fewshot-unlabelled unlabelled samples, --fewshot-epochs epochs) at 1, 5, 10 labels per class.
 Energy is the FLOP model (source: model), never a measurement.

@@ -57,7 +57,7 @@ def run(args) -> int:
     from ..data.loader import TensorData
     from ..data.tasks import check_model_for_task, get_task
     from ..models import build_model
-    from .moil import IncrementalConfig, run_updates
+    from .moil import IncrementalConfig, run_updates, split_model
     from .report import summary_record, write_plot
     from .shifts import SHIFTS, user_data
 
@@ -84,11 +84,12 @@ def run(args) -> int:
     global_train = TensorData(train.x[:n_global].float(), train.y[:n_global])
     global_test = TensorData(test.x.float(), test.y)
     (ux, uy), (vx, vy) = user_data(args.shift, train.x[n_global:].float(), train.y[n_global:], args.user)
-    if args.model_dir:
-        model = load_model(args.model_dir)
-    else:
+    model = load_model(args.model_dir) if args.model_dir else build_model(model_name, task.input_shape,
+                                                                          task.num_classes)
+    if cfg.last_layer:
+        split_model(model, cfg.split)  # a bad --split fails here, before anything is written
+    if not args.model_dir:
         with console.status(f"pre-training {model_name} on the global set ({n_global} samples)"):
-            model = build_model(model_name, task.input_shape, task.num_classes)
             Trainer(model, global_train, None, device="cpu", seed=args.seed, progress=False,
                     task=task.name, model_name=model_name).fit(args.pretrain_epochs)
         save_model(out / "pretrained", model, task=task.name, model_name=model_name,

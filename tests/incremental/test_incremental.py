@@ -128,6 +128,7 @@ def test_shifts_change_the_images():
     (["--cache-mb", "4"], "last-layer"),
     (["--mix", "1.5"], "mix"),
     (["--updates", "0"], "updates"),
+    (["--task", "digits", "--last-layer", "--split", "fc"], "fc"),
     (["--cache-mb", "4", "--last-layer", "--cache-dtype", "int8"], "cache_dtype"),
 ])
 def test_bad_input_exits_2_writing_nothing(tmp_path, capsys, argv, word):
