@@ -40,6 +40,8 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 COMMANDS: dict[str, str] = {
     "search": "haet.search.cli",
     "rl": "haet.rl.cli",
+    "incremental": "haet.incremental.cli",
+    "fewshot": "haet.incremental.fewshot_cli",
 }
 
 # Wide tables when writing to a file or a pipe (CI logs, `make run | tee`); the terminal's width otherwise.
