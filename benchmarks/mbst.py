@@ -1,6 +1,6 @@
 """Memory-bounded sparse training against dense training on mnist5k-cnn under 2, 1 and 0.5 MiB.
 
-    flock /tmp/haet-cpu.lock python benchmarks/mbst.py [--seeds 2] [--epochs 3] [--out runs/bench-mbst]
+    flock /tmp/haet-cpu.lock python benchmarks/mbst.py [--seeds 2] [--epochs 3] [--steps N] [--out runs/bench-mbst]
 
 Runs `haet.bench.run_bench` (the engine of `haet bench`: an untimed warm-up of every entry, then
 each seed) for the baseline and `mbst:memory_mb=M` for each bound, and prints per entry: the plan
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--out", default="runs/bench-mbst")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="stop every run after this many steps (a loaded machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     hw = hardware_info(torch.device("cpu"))
@@ -51,7 +52,8 @@ def main() -> None:
     print(f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, cpu {hw['cpu']}, "
           f"torch threads {torch.get_num_threads()}, torch {hw['torch']}, git {git_rev()}")
     print(f"load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores"
-          + ("  (machine loaded: times are inflated and noisy)" if load[0] > (os.cpu_count() or 1) / 2 else ""))
+          + ("  (machine loaded: times are inflated and noisy)" if load[0] > (os.cpu_count() or 1) / 2 else ""),
+          flush=True)
     labels = [f"mbst:memory_mb={mb:g}" for mb in BOUNDS_MB]
     records: dict[str, list] = {}
 
@@ -63,8 +65,9 @@ def main() -> None:
               f"train {record.cost['train_s']:.1f} s", flush=True)
 
     print(f"$ haet bench --task mnist5k --methods baseline,{','.join(labels)} --seeds {args.seeds} "
-          f"--epochs {args.epochs}")
-    run_bench("mnist5k", ["baseline", *labels], args.seeds, args.epochs, Path(args.out), on_run=on_run)
+          f"--epochs {args.epochs}" + (f" --budget steps={args.steps}" if args.steps else ""), flush=True)
+    run_bench("mnist5k", ["baseline", *labels], args.seeds, args.epochs, Path(args.out), on_run=on_run,
+              budget={"steps": args.steps} if args.steps else None)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 

@@ -150,7 +150,7 @@ class _SparseLayer(nn.Module):
         self.conv = None if isinstance(dense, nn.Linear) else {
             "dim": dense.weight.dim() - 2, "stride": dense.stride, "padding": dense.padding,
             "dilation": dense.dilation}
-        self.changes = 0                              # > 0: this step runs dense and plans a regrowth
+        self.changes = 0                              # > 0: this step plans a regrowth of that many units
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.positions = 1                            # output positions per sample (for the FLOPs estimate)
 
