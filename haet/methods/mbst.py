@@ -176,6 +176,7 @@ class MemoryBoundedSparse(Method):
         self._window: SavedTensorPeak | None = None
         self._grad_bytes = 0
         self._state_bytes = 0
+        self._step_saved = 0
         self._armed = False
         self._micro_loss: torch.Tensor | None = None
 
@@ -266,6 +267,9 @@ class MemoryBoundedSparse(Method):
         self._close_window()
         model = state.unwrapped_model
         self._window = SavedTensorPeak(exclude=[*model.parameters(), *model.buffers()]).__enter__()
+
+    def after_forward(self, state) -> None:
+        self._armed = False           # only the Trainer's forward of this batch runs as micro-batches
 
     def after_backward(self, state) -> None:
         saved = self._close_window()
