@@ -63,6 +63,9 @@ class Method(Listener):
     #: For an owner of "optimizer_step": whether its update reads the optimizer's per-group
     #: hyperparameters (lr, weight decay), which other methods may set per layer.
     reads_group_hyperparameters: ClassVar[bool] = True
+    #: For an owner of "backward": whether the gradients it leaves are the loss's own (micro-batched
+    #: backprop) or an estimate of another kind (equilibrium propagation).
+    exact_gradients: ClassVar[bool] = True
 
     def __init__(self, config: Any = None, /, **params: Any) -> None:
         if self.config_class is None:

@@ -6,8 +6,9 @@
   (the data set, PyTorch itself), the CUDA figure only tensors.
 - Breakdown, per step signature (see `step_signature`): parameters, gradients alive at the end of
   backward, optimizer state after the update, and activations = bytes of the tensors autograd saved
-  for backward during the forward (parameters excluded, shared storage counted once). Reported as
-  the largest value seen for each part.
+  for backward during the forward (parameters excluded, shared storage counted once; the live
+  peak, see `SavedTensorPeak`, so a method that runs micro-batches inside the forward is counted
+  by its largest micro-batch). Reported as the largest value seen for each part.
 - Bytes moved per step, for the energy model: 4·P (parameters read in forward and backward, read
   and written by the update) + 2·A (activations written, read back) + 2·G (gradients written, read
   by the update) + 2·S (optimizer state read and written) + I (the input batch), where G is the
@@ -39,6 +40,83 @@ def optimizer_state_bytes(optimizer) -> int:
     return tensor_bytes(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
 
+class SavedTensorPeak:
+    """While active: the peak of the bytes autograd holds saved for backward, live.
+
+    Each saved tensor is packed with a holder that counts its storage while the graph keeps it
+    (shared storage counted once; storages of `exclude`, e.g. parameters and buffers, left out),
+    so tensors freed by a backward inside the window no longer count: a step that runs several
+    forward/backward passes (micro-batches) reports its largest, not their sum. A plain step
+    reports the same as summing what the forward saved. Windows may nest (a method's inside the
+    meter's or the other way round): every active one counts each saved tensor."""
+
+    _active: list["SavedTensorPeak"] = []
+
+    def __init__(self, exclude=()) -> None:
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.live: dict[int, list[int]] = {}     # storage pointer -> [bytes, holders]
+        self.current = self.peak = 0
+        self._hooks = None
+
+    def __enter__(self) -> "SavedTensorPeak":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        SavedTensorPeak._active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        SavedTensorPeak._active.remove(self)
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        # torch calls only the innermost hooks: this one counts the tensor for every active window
+        parts = [(s.data_ptr(), s.nbytes()) for s in _storages(t)]  # a sparse tensor: indices and values
+        parts = [(ptr, n) for ptr, n in parts if n > 0]
+        owners = [w for w in SavedTensorPeak._active if any(ptr not in w.exclude for ptr, _ in parts)]
+        if not owners:
+            return t
+        return _Held(owners, t, parts)
+
+    def _add(self, ptr: int, nbytes: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is None:
+            self.live[ptr] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+
+    def _drop(self, ptr: int) -> None:
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[ptr]
+            self.current -= entry[0]
+
+
+class _Held:
+    """A saved tensor as autograd keeps it; its storages counted until autograd lets go of it."""
+    __slots__ = ("owners", "tensor", "parts")
+
+    def __init__(self, owners: list[SavedTensorPeak], tensor: torch.Tensor, parts: list[tuple[int, int]]) -> None:
+        self.owners, self.tensor, self.parts = owners, tensor, parts
+        for owner in owners:
+            for ptr, nbytes in parts:
+                if ptr not in owner.exclude:
+                    owner._add(ptr, nbytes)
+
+    def __del__(self) -> None:
+        for owner in self.owners:
+            for ptr, _ in self.parts:
+                if ptr not in owner.exclude:
+                    owner._drop(ptr)
+
+
+def _unpack(packed):
+    return packed.tensor if isinstance(packed, _Held) else packed
+
+
 class MemoryMeter(Meter):
     name = "memory"
     provides = ("peak_mem_mb", "mem_budget_mb")
@@ -53,8 +131,7 @@ class MemoryMeter(Meter):
         self._micro_per_sig: dict[tuple, float] = {}   # per micro-batch: forward and backward traffic
         self._measuring: tuple | None = None
         self._measure: dict = {}
-        self._saved: dict[int, int] = {}
-        self._hooks = None
+        self._hooks: SavedTensorPeak | None = None
         self._sig = None
 
     # -- peak ---------------------------------------------------------------------------------
@@ -88,27 +165,15 @@ class MemoryMeter(Meter):
         if sig in self._moved_per_sig:
             return
         self._measuring = sig
-        params = {p.untyped_storage().data_ptr() for p in state.model.parameters()}
-        self._saved = {}
-        saved = self._saved
-
-        def pack(t):
-            for storage in _storages(t):
-                ptr = storage.data_ptr()
-                if ptr not in params:
-                    saved[ptr] = storage.nbytes()
-            return t
-
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._hooks.__enter__()
+        self._hooks = SavedTensorPeak(exclude=state.model.parameters()).__enter__()
         x = state.batch[0]
         self._measure = {"input": x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0}
 
     def after_forward(self, state) -> None:
         if self._hooks is not None:
             self._hooks.__exit__(None, None, None)
+            self._measure["activations"] = self._hooks.peak
             self._hooks = None
-            self._measure["activations"] = sum(self._saved.values())
 
     def after_backward(self, state) -> None:
         sig = self._sig

@@ -2,8 +2,11 @@
 
 Storage. A sparse layer keeps *units* of its weight, the same number in each *row group*:
 - unstructured: a unit is one weight; one row group (the whole layer). Stored as the kept values
-  plus their flat positions (int32). Computed with the dense kernel rebuilt from them, so no work
-  is skipped on a CPU; the FLOPs a zero-skipping accelerator would save are reported separately.
+  plus their flat positions (int32). Computed by `_UnstructuredFn`: the dense kernel is rebuilt
+  inside the forward and again inside the backward, and only the input, the values and the index
+  are saved for backward, so no dense copy of the weight lives between the two (it is workspace
+  of one layer's call). No work is skipped on a CPU; the FLOPs a zero-skipping accelerator would
+  save are reported separately.
 - block: a unit is a block of ``bo`` output rows/channels x ``bi`` input features/channels (with
   the whole kernel); the ``bo`` rows form a row group and every group keeps the same count K.
   Stored as the kept blocks, shaped as a grouped convolution's weight, plus their block columns.
@@ -14,6 +17,11 @@ Storage. A sparse layer keeps *units* of its weight, the same number in each *ro
 
 Every unit kept has the same storage for its value, its gradient and its optimizer state; the
 index (int32) is shared by the three. Biases stay dense.
+
+Regrowth scores. On a step with ``changes > 0`` the layer plans its prune-and-regrow from the
+dense weight gradient, computed in the backward from the saved input and the output gradient
+(`dense_weight_grad`) and dropped once the plan (two int32 per change) is made. When the step
+runs in micro-batches, the first micro-batch's gradient scores the regrowth.
 """
 
 from __future__ import annotations
@@ -142,7 +150,7 @@ class _SparseLayer(nn.Module):
         self.conv = None if isinstance(dense, nn.Linear) else {
             "dim": dense.weight.dim() - 2, "stride": dense.stride, "padding": dense.padding,
             "dilation": dense.dilation}
-        self.changes = 0                              # > 0: this step runs dense and plans a regrowth
+        self.changes = 0                              # > 0: this step plans a regrowth of that many units
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.positions = 1                            # output positions per sample (for the FLOPs estimate)
 
@@ -167,19 +175,20 @@ class _SparseLayer(nn.Module):
         return fn(x, weight, self.bias, c["stride"], c["padding"], c["dilation"], groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.changes <= 0:
-            y = self.fast_forward(x)
-        else:                                         # dense kernel whose gradient scores the regrowth
-            w = self.dense_weight()
-            if w.requires_grad:
-                w.register_hook(self._plan_from_gradient)
-            y = self._call(x, w)
+        y = self.fast_forward(x)
+        if self.changes > 0 and torch.is_grad_enabled() and not isinstance(self, UnstructuredSparse):
+            y = _ScoreFn.apply(y, x, self)            # saves the input to score the regrowth in backward
         self.positions = y[0].numel() // self.shape.out_features if y.dim() > 1 else 1
         return y
 
     def _plan_from_gradient(self, grad: torch.Tensor) -> None:
-        self.pending = plan_changes(self.slot_magnitudes().detach(), self.unit_scores(grad.detach()),
-                                    self.kept_units(), self.changes)
+        if self.pending is None:                      # micro-batches: the first one scores
+            self.pending = plan_changes(self.slot_magnitudes().detach(), self.unit_scores(grad.detach()),
+                                        self.kept_units(), self.changes)
+
+    def dense_shape(self) -> tuple[int, ...]:
+        s = self.shape
+        return (s.out_features, s.in_features, *s.kernel)
 
     def apply_pending(self, optimizer: torch.optim.Optimizer | None) -> int:
         """Move the planned slots to their new units, zeroing their values, gradients and state."""
@@ -212,11 +221,12 @@ class UnstructuredSparse(_SparseLayer):
         self.register_buffer("index", order.to(INDEX_DTYPE))
 
     def dense_weight(self) -> torch.Tensor:
-        flat = self.values.new_zeros(self.shape.numel).index_put((self.index,), self.values)
+        """The dense kernel (differentiable in the values); the layer's own call does not keep it."""
+        flat = self.values.new_zeros(self.shape.numel).index_put((self.index.long(),), self.values)
         return flat.view(self.weight_shape)
 
     def fast_forward(self, x):
-        return self._call(x, self.dense_weight())
+        return _UnstructuredFn.apply(x, self.values, self.index, self.bias, self)
 
     def kept_units(self) -> torch.Tensor:
         return self.index.view(1, -1)
@@ -291,6 +301,78 @@ class BlockSparse(_SparseLayer):
         s = self.shape
         slots = slots.long()
         t.view(s.rows, s.bo, self.kept, s.bi, -1)[slots // self.kept, :, slots % self.kept] = 0
+
+
+# -- autograd: what is saved for backward ---------------------------------------------------
+class _UnstructuredFn(torch.autograd.Function):
+    """y = layer(x) with the kernel rebuilt from (values, index); saves x, values and index only."""
+
+    @staticmethod
+    def forward(ctx, x, values, index, bias, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x, values, index)
+        return layer._call(x, _scatter(values, index, layer.weight_shape))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, values, index = ctx.saved_tensors
+        layer = ctx.layer
+        gx = gvalues = gbias = None
+        if ctx.needs_input_grad[0]:
+            gx = dense_input_grad(layer, x.shape, _scatter(values, index, layer.weight_shape), gy)
+        if ctx.needs_input_grad[1] or layer.changes > 0:
+            gw = dense_weight_grad(layer, x, gy)          # workspace: dropped once gathered
+            if layer.changes > 0:
+                layer._plan_from_gradient(gw)
+            gvalues = gw.reshape(-1)[index.long()]
+        if ctx.needs_input_grad[3]:
+            gbias = _bias_grad(layer, gy)
+        return gx, gvalues, None, gbias, None
+
+
+class _ScoreFn(torch.autograd.Function):
+    """Identity on y; its backward plans the layer's regrowth from the dense weight gradient
+    computed from the saved input x (block and channel layers on an update step)."""
+
+    @staticmethod
+    def forward(ctx, y, x, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        ctx.layer._plan_from_gradient(dense_weight_grad(ctx.layer, x, gy))
+        return gy, None, None
+
+
+def _scatter(values: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return values.new_zeros(math.prod(shape)).index_put_((index.long(),), values).view(shape)
+
+
+def dense_weight_grad(layer: "_SparseLayer", x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """The gradient of the dense kernel, from the layer's input and output gradient."""
+    shape = layer.dense_shape()
+    if layer.conv is None:
+        return gy.reshape(-1, shape[0]).t() @ x.reshape(-1, shape[1])
+    c = layer.conv
+    fn = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[c["dim"] - 1]
+    return fn(x, shape, gy, c["stride"], c["padding"], c["dilation"])
+
+
+def dense_input_grad(layer: "_SparseLayer", x_shape, weight: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    if layer.conv is None:
+        return gy @ weight
+    c = layer.conv
+    fn = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[c["dim"] - 1]
+    return fn(x_shape, weight, gy, c["stride"], c["padding"], c["dilation"])
+
+
+def _bias_grad(layer: "_SparseLayer", gy: torch.Tensor) -> torch.Tensor:
+    if layer.conv is None:
+        return gy.reshape(-1, gy.shape[-1]).sum(0)
+    return gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
 
 
 def plan_changes(magnitudes: torch.Tensor, scores: torch.Tensor, kept_units: torch.Tensor,

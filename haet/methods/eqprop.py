@@ -58,6 +58,7 @@ class EquilibriumPropagation(Method):
     # It computes the gradients itself, and its dynamics read each layer's weights directly, so a
     # method that replaces the layers would change nothing it runs.
     owns = frozenset({"backward", "layer_types"})
+    exact_gradients = False  # EqProp's estimate, equal to backprop's only as β → 0
 
     def __init__(self, config: EqPropConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)

@@ -223,7 +223,7 @@ class GradMatch(_SubsetMethod):
 
     def check_compatible(self, others: list[Method]) -> None:
         for other in others:
-            if "backward" in other.owns:
+            if "backward" in other.owns and not other.exact_gradients:
                 raise ConfigError(f"gradmatch matches the loss gradients backpropagation computes; with {other.name} "
                                   "the model trains on other gradients; use one of them")
 

@@ -1,6 +1,8 @@
-"""Memory-bounded sparse training: the footprint equals a hand count, stays under the bound at
-every step, the bound that cannot work fails with the smallest one that can, the sparse layers
-compute what the masked dense layer computes, and block/channel layers skip the pruned work."""
+"""Memory-bounded sparse training: the whole footprint (state + saved for backward + workspace),
+counted independently at every step, stays under the bound; no dense weight is saved for backward;
+micro-batches give the batch's gradient; degenerate bounds are refused; the layer-state counts
+equal hand counts; sparse layers compute what the masked dense layer computes; block/channel
+layers skip the pruned work; a resumed run ends identical."""
 
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import haet
 from haet.core.errors import ConfigError
-from haet.meters.memory import optimizer_state_bytes
-from haet.methods import parse_method
+from haet.meters.memory import SavedTensorPeak, optimizer_state_bytes, tensor_bytes
+from haet.methods import parse_entry, parse_method
 from haet.methods._sparse_ops import BlockSparse, UnstructuredSparse, layer_shape, optimizer_state_cost, plan_changes
-from haet.methods.mbst import (MIB, MemoryBoundedSparse, bound_for_sparsity, footprint_bytes, plan_sparsity,
-                               sparsify_)
+from haet.methods.mbst import (MIB, MBSTConfig, MemoryBoundedSparse, apply_mbst, bound_for_sparsity, footprint_bytes,
+                               plan_sparsity, sparsify_)
 
 
 def _mlp():
@@ -101,23 +103,99 @@ def test_a_bound_too_small_fails_with_the_smallest_that_works(scheme):
         plan_sparsity(model, (smallest - 1) / MIB, scheme, optimizer=opt)
 
 
-@pytest.mark.parametrize("scheme", ["unstructured", "block", "channel"])
-def test_peak_footprint_never_exceeds_the_bound_in_training(scheme, trainer_factory):
-    model = _cnn()
-    memory_mb = bound_for_sparsity(_cnn(), 0.8, scheme, optimizer=torch.optim.Adam(_cnn().parameters()),
-                                   block=(4, 2))
-    method = MemoryBoundedSparse(memory_mb=memory_mb, scheme=scheme, update_every=2, block=(4, 2))
-    seen = []
-    original = method._record
-    method._record = lambda nbytes: (seen.append(nbytes), original(nbytes))
-    record = trainer_factory(model, methods=[method]).fit(epochs=2)
+class _Count(haet.Method):
+    """An independent count of every step's footprint, with the memory meter's hooks: parameters,
+    buffers, gradients, optimizer state, and the live peak of what autograd saved for backward."""
+    name = "count"
+
+    def __init__(self):
+        super().__init__()
+        self.totals = []
+
+    def batch_start(self, state):
+        model = state.unwrapped_model
+        self.window = SavedTensorPeak(exclude=[*model.parameters(), *model.buffers()]).__enter__()
+
+    def after_backward(self, state):
+        self.window.__exit__(None, None, None)
+        model = state.unwrapped_model
+        self.grads = tensor_bytes(p.grad for p in model.parameters())
+        self.fixed = tensor_bytes([*model.parameters(), *model.buffers()])
+        self.before = optimizer_state_bytes(state.optimizer)
+
+    def after_step(self, state):
+        state_bytes = self.fixed + self.grads + max(self.before, optimizer_state_bytes(state.optimizer))
+        self.totals.append(state_bytes + self.window.peak)
+
+
+@pytest.mark.parametrize("scheme,memory_fraction,weight_share", [
+    ("unstructured", 0.3, 0.5),     # dense weights, micro-batches of 15
+    ("unstructured", 0.1, 0.5),     # sparse, micro-batches of 1
+    ("block", 0.4, 0.05), ("channel", 0.4, 0.05)])
+def test_whole_footprint_held_at_every_step_by_an_independent_count(scheme, memory_fraction, weight_share,
+                                                                    trainer_factory):
+    count = _Count()
+    method = MemoryBoundedSparse(memory_fraction=memory_fraction, weight_share=weight_share, scheme=scheme,
+                                 update_every=1, update_end=1.0, block=(4, 2))
+    record = trainer_factory(_cnn(), methods=[method, count], budget=haet.Budget(steps=3)).fit(epochs=1)
     m = record.method_metrics
-    bound = memory_mb * MIB
-    assert len(seen) == 2 * record.steps and max(seen) <= bound                   # every step, both points
-    assert m["mbst/peak_footprint_bytes"] == max(seen)
-    assert all(h["mbst/footprint_bytes"] <= bound for h in record.history)
-    assert m["mbst/updates"] >= 2 and m["mbst/regrown_units"] > 0
-    assert m["mbst/sparsity"] >= 0.8 - 1e-9
+    bound = m["mbst/bound_bytes"]
+    assert len(count.totals) == record.steps and max(count.totals) <= bound - m["mbst/workspace_bytes"]
+    assert m["mbst/footprint_bytes"] >= max(count.totals)          # mbst's own record covers the count
+    assert 1 <= m["mbst/micro_batch"] < 64                           # dense training would not fit
+    mem = record.cost["memory_bytes"]                                # the memory meter agrees
+    assert mem["params"] + mem["grads"] + mem["optimizer"] + mem["activations"] <= bound
+    if weight_share < 0.5 or memory_fraction < 0.2:
+        assert m["mbst/sparsity"] > 0.2 and m["mbst/updates"] >= 2 and m["mbst/regrown_units"] > 0
+
+
+def test_sparse_layer_saves_no_dense_weight_for_backward():
+    torch.manual_seed(0)
+    for dense, x in ((nn.Linear(256, 256), torch.randn(2, 256)), (nn.Conv2d(32, 32, 3, padding=1),
+                                                                     torch.randn(2, 32, 4, 4))):
+        layer = UnstructuredSparse(dense, layer_shape("l", dense, "unstructured", (1, 1)),
+                                   dense.weight.numel() // 10)                      # 90% sparse
+        with SavedTensorPeak() as saved:                                 # nothing excluded: values, index count
+            out = layer(x.requires_grad_())
+        dense_bytes = dense.weight.numel() * 4
+        assert saved.peak < dense_bytes / 2
+        out.sum().backward()                                             # and backward still works
+        assert layer.values.grad.shape == layer.values.shape and x.grad.shape == x.shape
+
+
+def test_micro_batches_give_the_whole_batch_gradient():
+    model = _cnn()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
+    run = apply_mbst(model, MBSTConfig(memory_fraction=0.2), batch=(x, y))
+    assert run.micro_batch < 32 and run.plan.total <= run.plan.bound
+    reference = __import__("copy").deepcopy(model)
+    F.cross_entropy(reference(x), y).backward()
+    outputs, loss = run.step(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(reference(x), y).detach(), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    w = torch.rand(32)                                                    # weighted batches too
+    model.zero_grad()
+    reference.zero_grad()
+    run.step(x, y, w)
+    ((F.cross_entropy(reference(x), y, reduction="none") * w).sum() / w.sum()).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_degenerate_bounds_are_refused(trainer_factory):
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 4, (64,))
+    with pytest.raises(ConfigError, match="at least the dense training footprint"):
+        apply_mbst(_cnn(), MBSTConfig(memory_mb=100.0), batch=(x, y))
+    with pytest.raises(ConfigError, match="at least the dense training footprint"):
+        trainer_factory(_cnn(), methods=parse_entry("mbst:memory_mb=100")).fit(epochs=1)
+    with pytest.raises(ConfigError, match=r"memory_fraction must be a number in \(0, 1\)"):
+        parse_method("mbst:memory_fraction=1")
+    with pytest.raises(ConfigError, match=r"smallest bound that works is memory_mb=[0-9.]+ \((\d+) bytes") as err:
+        apply_mbst(_cnn(), MBSTConfig(memory_mb=0.001), batch=(x, y))
+    smallest = int(err.value.args[0].split("(")[-1].split(" ")[0])
+    run = apply_mbst(_cnn(), MBSTConfig(memory_mb=smallest / MIB + 1e-6), batch=(x, y))   # that bound works
+    assert run.micro_batch == 1 and run.plan.total <= run.plan.bound
 
 
 def test_prune_and_regrow_keeps_the_count_and_resets_new_units():
@@ -202,8 +280,7 @@ def test_block_and_channel_layers_skip_the_pruned_work(scheme, block, kept):
 
 def test_unstructured_reports_an_estimate_of_sparse_hardware_savings(trainer_factory):
     model = _cnn()
-    memory_mb = bound_for_sparsity(_cnn(), 0.9, optimizer=torch.optim.Adam(_cnn().parameters()))
-    method = MemoryBoundedSparse(memory_mb=memory_mb, update_every=1000)
+    method = MemoryBoundedSparse(memory_fraction=0.5, weight_share=0.05, update_every=1000)
     record = trainer_factory(model, methods=[method]).fit(epochs=1)
     saved = 0.0
     for name in ("0", "2", "5"):
@@ -226,20 +303,20 @@ def test_bad_parameters_name_the_parameter_and_range():
 def test_density_compensated_learning_rate():
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    method = MemoryBoundedSparse(memory_mb=0.01)
-    state = type("S", (), {"unwrapped_model": model, "optimizer": opt, "model_version": 0})()
-    method.fit_start(state)
-    for m in method._sparse():
+    run = apply_mbst(model, MBSTConfig(memory_fraction=0.2), optimizer=opt,
+                     batch=(torch.randn(64, 1, 8, 8), torch.randint(0, 4, (64,))))
+    assert run.sparse_layers()
+    for m in run.sparse_layers():
         (group,) = [g for g in opt.param_groups if any(p is m.values for p in g["params"])]
         assert group["lr"] == pytest.approx(1e-3 * m.shape.numel / m.values.numel())
-    assert opt.param_groups[0]["lr"] == 1e-3 and state.model_version == 1
-    assert math.isfinite(sum(p["bytes"] for p in method.plan))
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert math.isfinite(sum(p["bytes"] for p in run.plan.layers))
 
 
 @pytest.mark.parametrize("scheme", ["unstructured", "block"])
 def test_resumed_run_ends_with_the_same_weights(scheme, trainer_factory, tmp_path):
     def method():
-        return MemoryBoundedSparse(memory_mb=0.02, scheme=scheme, update_every=3, block=(4, 2))
+        return MemoryBoundedSparse(memory_fraction=0.5, weight_share=0.05, scheme=scheme, update_every=3, block=(4, 2))
 
     whole = _cnn()
     trainer_factory(whole, methods=[method()]).fit(epochs=2)
@@ -252,3 +329,8 @@ def test_resumed_run_ends_with_the_same_weights(scheme, trainer_factory, tmp_pat
     assert record.method_metrics["mbst/updates"] == 1     # step 3 of 8 (at step 6 the cosine reaches 0)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_refuses_an_optimizer_that_steps_inside_backward(trainer_factory):
+    with pytest.raises(ConfigError, match="mode=backward would update the weights after each micro-batch"):
+        trainer_factory(methods=parse_entry("mbst:lr_compensation=false+fusion:mode=backward"))
