@@ -34,6 +34,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 #: Subcommands that live in their own modules: name -> module exposing HELP, add_arguments(parser), run(args).
 COMMANDS: dict[str, str] = {
+    "federated": "haet.federated.cli",
 }
 
 # Wide tables when writing to a file or a pipe (CI logs, `make run | tee`); the terminal's width otherwise.

@@ -24,7 +24,7 @@ from .shards import ClientShard, train_labels
 
 #: The fields a ClientUpdate may carry; anything else is a leak (checked by the server and tests).
 UPDATE_FIELDS = ("client", "weights", "num_samples", "impressions", "impression_slots", "impression_names",
-                 "stats")
+                 "impression_targets", "stats")
 
 
 @dataclass
@@ -35,10 +35,12 @@ class ClientUpdate:
     impressions: torch.Tensor          # (n, *input_shape) synthesized inputs, or (0, ...)
     impression_slots: torch.Tensor     # output slot each impression was synthesized for
     impression_names: torch.Tensor     # private new-class name j (>= 0) or -1 for a seen class
+    impression_targets: torch.Tensor   # (n, classes) the client model's probabilities on each impression
     stats: dict[str, float | str] = field(default_factory=dict)  # train_s, energy_j, energy_source, ...
 
     def bytes_up(self) -> int:
-        tensors = list(self.weights.values()) + [self.impressions, self.impression_slots, self.impression_names]
+        tensors = list(self.weights.values()) + [self.impressions, self.impression_slots, self.impression_names,
+                                                 self.impression_targets]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -61,12 +63,13 @@ def client_round(shard: ClientShard, client: int, config: FedConfig, weights: di
                                      "train_loss": float(record.history[-1]["train_loss"] or 0.0)}
     x = torch.zeros(0, *input_shape)
     slot_t = names_t = torch.zeros(0, dtype=torch.long)
+    targets = torch.zeros(0, num_classes)
     if config.strategy == "zeroshot" and shard.num_new > 0:
-        x, slot_t, names_t, synth = _impressions_of(model, shard, labels, slots, config, seed, input_shape,
+        x, slot_t, names_t, targets, synth = _impressions_of(model, shard, labels, slots, config, seed, input_shape,
                                                      record.cost.get("flops"), record.steps * config.batch_size)
         stats.update(synth)
     return ClientUpdate(client, {k: v.detach().clone() for k, v in model.state_dict().items()}, len(shard.labels),
-                        x, slot_t, names_t, stats)
+                        x, slot_t, names_t, targets, stats)
 
 
 def _impressions_of(model, shard, labels, slots, config, seed, input_shape, train_flops, train_samples):
@@ -77,6 +80,8 @@ def _impressions_of(model, shard, labels, slots, config, seed, input_shape, trai
     lo, hi = float(shard.x.min()), float(shard.x.max())
     x, owner = impressions.synthesize(model, classes, config.impressions_per_class, input_shape,
                                       steps=config.impression_steps, seed=seed, value_range=(lo, hi))
+    with torch.no_grad():
+        targets = torch.softmax(model.eval()(x), dim=1)  # what the server distils (Nayak et al.: soft targets)
     synth_s = time.perf_counter() - start
     name_of_slot = {s: j for j, s in enumerate(slots)}
     names = torch.tensor([name_of_slot.get(int(s), -1) for s in owner], dtype=torch.long)
@@ -85,5 +90,5 @@ def _impressions_of(model, shard, labels, slots, config, seed, input_shape, trai
     per_forward = (train_flops or 0.0) / max(train_samples, 1) / 3.0
     flops = impressions.synthesis_flops(per_forward, len(x), config.impression_steps)
     energy = flops * HardwareTable.default().pj_per_flop("float32") * 1e-12
-    return x, owner, names, {"impression_s": synth_s, "impression_flops": flops, "impression_energy_j": energy,
+    return x, owner, names, targets, {"impression_s": synth_s, "impression_flops": flops, "impression_energy_j": energy,
                              "impression_energy_source": "model"}

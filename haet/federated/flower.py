@@ -165,7 +165,8 @@ def _content_of(u: ClientUpdate):
     return RecordDict({"weights": ArrayRecord.from_torch_state_dict(u.weights),
                        "impressions": ArrayRecord.from_torch_state_dict({"x": u.impressions,
                                                                           "slots": u.impression_slots,
-                                                                          "names": u.impression_names}),
+                                                                          "names": u.impression_names,
+                                                                          "targets": u.impression_targets}),
                        "stats": ConfigRecord(stats)})
 
 
@@ -178,7 +179,8 @@ def _update_from(content) -> ClientUpdate:
     client, samples = int(stats.pop("client")), int(stats.pop("num_samples"))
     imp = content["impressions"].to_torch_state_dict()
     weights = {k: v.clone() for k, v in content["weights"].to_torch_state_dict().items()}
-    return ClientUpdate(client, weights, samples, imp["x"].clone(), imp["slots"].long(), imp["names"].long(), stats)
+    return ClientUpdate(client, weights, samples, imp["x"].clone(), imp["slots"].long(), imp["names"].long(),
+                        imp["targets"].clone(), stats)
 
 
 def _shutdown_ray() -> None:

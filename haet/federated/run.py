@@ -30,6 +30,7 @@ class FedResult:
     server: dict = field(default_factory=dict)
     wall_s: float = 0.0
     backend: str = "local"
+    global_state: dict = field(default_factory=dict)        # the final global model's weights
 
     @property
     def final(self) -> dict:
@@ -52,7 +53,20 @@ def oracle_slots(split: Split, client: int) -> list[int]:
 
 def run_local(config: FedConfig, *, on_round: Callable[[dict], None] | None = None,
               inspect: Callable[[ClientUpdate], None] | None = None) -> FedResult:
-    """The whole run in this process. `inspect` sees every update the server receives."""
+    """The whole run in this process. `inspect` sees every update the server receives.
+
+    Clients run one after another on one thread each, as the Flower nodes do (one CPU per node):
+    tiny models gain nothing from more threads, and both backends then compute the same numbers.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_local(config, on_round, inspect)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_local(config, on_round, inspect) -> FedResult:
     start = time.perf_counter()
     split = split_for(config)
     server = new_server(config, split)
@@ -89,6 +103,7 @@ def finish_round(server: Server, split: Split, updates: list[ClientUpdate], r: i
     result.server = {"train_s": server.server_stats["train_s"], "energy_j": server.server_stats["energy_j"],
                      "energy_source": server.server_energy_source,
                      "new_class_slots": {str(c): s for c, s in server.slots_for_truth(split).items()}}
+    result.global_state = {k: v.detach().clone() for k, v in server.model.state_dict().items()}
     if on_round is not None:
         on_round(line)
 

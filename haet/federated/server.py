@@ -9,8 +9,9 @@ each private new class (`plan`). From the updates (`receive`):
    permuted to the assigned slots before averaging. FedAvg is instead given every new class's
    true identity (an oracle the zero-shot strategy does without), so it is the stronger baseline.
 2. HeteroFL average of the weights (`models.heterofl_average`; FedAvg when widths are equal).
-3. Zero-shot: the global model trains `server_epochs` on the pooled impressions with the haet
-   Trainer (knowledge transfer from every width, the narrow clients included).
+3. Zero-shot: the global model is distilled for `server_epochs` on the pooled impressions, with the
+   senders' probabilities as soft targets (zero-shot KD), through the haet Trainer: knowledge
+   transfer from every width, the narrow clients included.
 
 Without reported new classes the zero-shot strategy sends and does exactly what FedAvg does.
 """
@@ -116,13 +117,15 @@ class Server:
         for key in (f"{head}.weight", f"{head}.bias"):
             weights[key] = u.weights[key][perm]
         slots = torch.tensor([perm.index(int(s)) for s in u.impression_slots], dtype=torch.long)
-        return ClientUpdate(u.client, weights, u.num_samples, u.impressions, slots, u.impression_names, u.stats)
+        targets = u.impression_targets[:, perm] if len(u.impression_targets) else u.impression_targets
+        return ClientUpdate(u.client, weights, u.num_samples, u.impressions, slots, u.impression_names, targets,
+                            u.stats)
 
     def _learn_from_impressions(self, updates: list[ClientUpdate], round_index: int) -> None:
         x = torch.cat([u.impressions for u in updates])
         if len(x) == 0:
             return
-        y = torch.cat([u.impression_slots for u in updates])
+        y = torch.cat([u.impression_targets for u in updates])  # soft targets: cross-entropy distils them
         trainer = Trainer(self.model, TensorData(x, y), None, device=self.config.device, progress=False,
                           seed=self.config.seed * 7919 + round_index, batch_size=self.config.batch_size,
                           optimizer=torch.optim.Adam(_trained_params(self.model, self.config.server_train),
@@ -156,5 +159,5 @@ def _check_update(u: ClientUpdate) -> None:
         raise ValueError(f"client {u.client} sent fields a client may not send: {sorted(extra)}")
     if not all(isinstance(v, (int, float, str)) for v in u.stats.values()):
         raise ValueError(f"client {u.client} sent non-scalar statistics")
-    if len(u.impressions) != len(u.impression_slots) or len(u.impressions) != len(u.impression_names):
+    if not len(u.impressions) == len(u.impression_slots) == len(u.impression_names) == len(u.impression_targets):
         raise ValueError(f"client {u.client} sent impressions without one slot and one name each")
