@@ -32,6 +32,8 @@ from .shards import Split
 
 #: Seconds the server waits for the simulated nodes to register.
 NODE_WAIT_S = 120.0
+#: Longest Ray temp folder path that leaves room for Ray's session and socket names (Unix limit 107).
+RAY_DIR_MAX_CHARS = 30
 
 
 def run_flower(config: FedConfig, *, workdir: str | os.PathLike | None = None, verbose: bool = False,
@@ -39,13 +41,19 @@ def run_flower(config: FedConfig, *, workdir: str | os.PathLike | None = None, v
                inspect: Callable[[ClientUpdate], None] | None = None) -> FedResult:
     """Run `config` as a Flower simulation of `config.clients` nodes; returns what `run_local` returns."""
     own_tmp = workdir is None
-    # Ray's socket paths must stay under ~107 characters: a short temporary folder unless told otherwise.
     base = Path(tempfile.mkdtemp(prefix="haet-fl-")) if own_tmp else Path(workdir)
     base.mkdir(parents=True, exist_ok=True)
+    # Ray's Unix socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must stay under 107
+    # characters: a deep `workdir` gets its Ray session in a short temporary folder, removed after.
+    ray_dir = base / "ray"
+    short = len(str(ray_dir.resolve())) > RAY_DIR_MAX_CHARS
+    if short:
+        ray_dir = Path(tempfile.mkdtemp(prefix="haet-ray-"))
     saved_home = os.environ.get("FLWR_HOME")
     os.environ["FLWR_HOME"] = str(base / "flwr")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU nodes: keep Ray's future default, quietly
     try:
-        return _simulate(config, base, verbose, on_round, inspect)
+        return _simulate(config, ray_dir, verbose, on_round, inspect)
     finally:
         if saved_home is None:
             os.environ.pop("FLWR_HOME", None)
@@ -53,9 +61,11 @@ def run_flower(config: FedConfig, *, workdir: str | os.PathLike | None = None, v
             os.environ["FLWR_HOME"] = saved_home
         if own_tmp:
             shutil.rmtree(base, ignore_errors=True)
+        if short:
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-def _simulate(config, base, verbose, on_round, inspect) -> FedResult:
+def _simulate(config, ray_dir, verbose, on_round, inspect) -> FedResult:
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -127,7 +137,7 @@ def _simulate(config, base, verbose, on_round, inspect) -> FedResult:
         return Message(_content_of(u), reply_to=msg)
 
     backend = {"init_args": {"num_cpus": min(2, os.cpu_count() or 1), "include_dashboard": False,
-                             "_temp_dir": str(base / "ray"), "logging_level": logging.ERROR, "log_to_driver": verbose},
+                             "_temp_dir": str(ray_dir), "logging_level": logging.ERROR, "log_to_driver": verbose},
                "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.clients,
                    backend_name="ray", backend_config=backend, verbose_logging=verbose)
