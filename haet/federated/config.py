@@ -32,7 +32,7 @@ class FedConfig:
     impressions_per_class: int = 12   # impressions a holder of a new class sends per class it knows
     impression_steps: int = 30        # input-optimization steps per batch of impressions
     server_epochs: int = 2            # epochs of the global model on the pooled impressions per round
-    server_train: str = "head"        # what learns from impressions: the final layer ("head") or "all"
+    server_train: str = "all"         # what learns from impressions: every layer ("all") or the final one ("head")
     device: str = "cpu"
 
     def __post_init__(self) -> None:
