@@ -5,7 +5,7 @@
 
 Writes ``DIR/record.json`` (metrics.accuracy: final global test accuracy; method_metrics
 ``federated/...``: seen- and new-class accuracy, bytes up/down per round, per-client time and
-energy) and ``DIR/rounds.jsonl`` (one line per round).
+energy), ``DIR/rounds.jsonl`` (one line per round) and ``DIR/accuracy.png`` (accuracy per round).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def run(args) -> int:
         for line in lines:
             f.write(json.dumps({k: (None if v != v else v) for k, v in line.items()}) + "\n")
     path = record.save(out)
+    _plot(lines, out / "accuracy.png", f"{config.task}, {record.label}, seed {config.seed}")
     if args.quiet:
         print(path)
     else:
@@ -93,9 +94,29 @@ def run(args) -> int:
     return 0
 
 
+def _plot(lines: list[dict], path: Path, title: str) -> None:
+    """Global, seen-class and new-class test accuracy per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    rounds = [line["round"] for line in lines]
+    for key, label in (("accuracy", "global"), ("accuracy_seen", "seen classes"), ("accuracy_new", "new classes")):
+        ax.plot(rounds, [line[key] for line in lines], marker="o", label=label)
+    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_symlink() or (out / "record.json").is_symlink():
         raise ConfigError(f"{out} is a symbolic link (or holds one); choose another --out")
+    if any((out / f).is_symlink() for f in ("rounds.jsonl", "accuracy.png")):
+        raise ConfigError(f"{out} holds a symbolic link among its outputs; choose another --out")
     if (out / "record.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds record.json; pass --overwrite or choose another --out")
 
