@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 import torch
 

@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .client import ClientUpdate, client_round
 from .config import FedConfig
 from .run import FedResult, finish_round, new_server, oracle_slots, payload_bytes, split_for
@@ -200,4 +198,3 @@ def _shutdown_ray() -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
-    _ = torch  # the torch state dicts above need torch imported before flwr converts them

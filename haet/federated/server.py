@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.trainer import Trainer, evaluate
+from ..core.trainer import Trainer
 from ..data.loader import TensorData
 from . import clustering, models
 from .client import UPDATE_FIELDS, ClientUpdate
@@ -33,8 +33,9 @@ class Server:
                  new_counts: list[int]) -> None:
         """`seen`: classes every client knows by index; new_counts[k]: private new classes client k reported."""
         self.config, self.input_shape, self.num_classes = config, input_shape, num_classes
-        torch.manual_seed(config.seed)
-        self.model = models.build(input_shape, num_classes)
+        with torch.random.fork_rng():  # the initial global weights depend on the seed only
+            torch.manual_seed(config.seed)
+            self.model = models.build(input_shape, num_classes)
         self.spatial = models.flatten_spatial(self.model, input_shape)
         self.free_slots = [c for c in range(num_classes) if c not in seen]
         self.new_counts = list(new_counts)
