@@ -2,6 +2,7 @@
 
     python benchmarks/federated.py [--tasks mnist5k,mnist1d] [--seeds 3] [--rounds 10] [--clients 6]
                                    [--new-classes 2] [--jsonl runs/bench-federated.jsonl]
+    python benchmarks/federated.py --table-from runs/a.jsonl runs/b.jsonl   # the table of saved runs
 
 Same split, same seed, same local training for both strategies (in-process backend; the Flower
 backend computes the same numbers, see tests/federated/test_flower.py). Seeds run in the outer
@@ -36,7 +37,15 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--new-classes", type=int, default=2)
     ap.add_argument("--jsonl", default=None, help="append one line per run here as it finishes")
+    ap.add_argument("--table-from", nargs="+", metavar="JSONL",
+                    help="only print the table of runs saved with --jsonl (e.g. of a run stopped early)")
     args = ap.parse_args()
+    if args.table_from:
+        rows = [json.loads(line) for path in args.table_from for line in open(path) if line.strip()]
+        args.tasks = ",".join(dict.fromkeys(r["task"] for r in rows))
+        args.seeds = len({r["seed"] for r in rows})
+        print_table(rows, args)
+        return
     torch.set_num_threads(1)
     hw = hardware_info(torch.device("cpu"))
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
