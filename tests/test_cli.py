@@ -58,7 +58,7 @@ def test_train_mnist5k_five_epochs_reaches_94_percent(tmp_path, capsys):
     (["train", "--device", "tpu"], "invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda')"),
     (["train", "--task", "cifar10"], "task cifar10 needs --data-dir"),
     (["train", "--resume", "/nonexistent/run"], "no config.json there"),
-    (["trian"], "invalid choice: 'trian' (choose from 'tasks', 'methods', 'train', 'bench', 'report')"),
+    (["trian"], "invalid choice: 'trian' (choose from 'tasks', 'methods', 'train', 'bench', 'report'"),  # + COMMANDS
     (["bench", "--methods", "baseline"], "the following arguments are required: --out"),
     (["bench", "--methods", "baseline,warp", "--out", "X"], "unknown method 'warp'"),
     (["report", "/nonexistent"], "/nonexistent does not exist"),
