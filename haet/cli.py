@@ -40,6 +40,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 COMMANDS: dict[str, str] = {
     "search": "haet.search.cli",
     "rl": "haet.rl.cli",
+    "federated": "haet.federated.cli",
     "incremental": "haet.incremental.cli",
     "fewshot": "haet.incremental.fewshot_cli",
 }
