@@ -35,7 +35,8 @@ _METHOD_PREFIX = "__method__"
 
 def save_model(directory: str | Path, model: nn.Module, methods=(), *, task: str | None = None,
                model_name: str | None = None, input_shape=None, num_classes: int | None = None,
-               seed: int = 0, label: str = "", optimizer: torch.optim.Optimizer | None = None) -> Path:
+               seed: int = 0, label: str = "", optimizer: torch.optim.Optimizer | None = None,
+               batch_size: int | None = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` into `directory`; returns the weights' path."""
     from safetensors.torch import save_file
 
@@ -52,7 +53,8 @@ def save_model(directory: str | Path, model: nn.Module, methods=(), *, task: str
     _dedupe_storage(tensors)
     meta = {"format": FORMAT, "version": VERSION, "task": task, "model": model_name,
             "input_shape": list(input_shape) if input_shape is not None else None, "num_classes": num_classes,
-            "seed": seed, "label": label, "methods": saved_methods, "optimizer": _optimizer_spec(optimizer)}
+            "seed": seed, "label": label, "methods": saved_methods, "optimizer": _optimizer_spec(optimizer),
+            "batch_size": batch_size}
     weights = directory / WEIGHTS
     save_file(tensors, str(weights))
     (directory / META).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
@@ -116,12 +118,15 @@ def _transform(model: nn.Module, methods: list, meta: dict, input_shape: tuple, 
     from .clock import PhaseClock
     from .state import State
 
-    example = TensorData(torch.zeros(2, *input_shape), torch.zeros(2, dtype=torch.long))
+    # A batch of the training batch's size: some transforms size themselves by it (a memory bound
+    # that measures a step's activations).
+    n = meta.get("batch_size") or 2
+    example = TensorData(torch.zeros(n, *input_shape), torch.zeros(n, dtype=torch.long))
     # Some transforms size themselves by the optimizer (a memory bound that counts its state): the
     # same kind of optimizer as in training, never updated here.
     state = State(model=model, optimizer=_optimizer_like(meta.get("optimizer"), model),
                   loss_fn=nn.functional.cross_entropy, device=torch.device("cpu"), seed=meta["seed"],
-                  clock=PhaseClock("cpu"), train_data=example, epochs=1, epoch=1)
+                  clock=PhaseClock("cpu"), train_data=example, epochs=1, epoch=1, batch_size=n)
     for method in methods:
         fit_start = getattr(method, "fit_start", None)
         if callable(fit_start):
@@ -240,6 +245,9 @@ def _validate(meta: Any, path: Path) -> None:
         v = meta.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             bad(f"{key} must be a non-negative integer")
+    v = meta.get("batch_size")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 65536):
+        bad("batch_size must be an integer in [1, 65536]")
     opt = meta.get("optimizer")
     if opt is not None and not (isinstance(opt, dict) and set(opt) == {"name", "defaults"}
                                 and opt["name"] in OPTIMIZER_NAMES and isinstance(opt["defaults"], dict)

@@ -446,7 +446,8 @@ class Trainer:
 
             save_model(self.out_dir, self.state.unwrapped_model, self.methods, task=self.task,
                        model_name=self.model_name, input_shape=_sample_shape(self.state.train_data),
-                       seed=self.seed, label=self.label, optimizer=self.state.optimizer)
+                       seed=self.seed, label=self.label, optimizer=self.state.optimizer,
+                       batch_size=self.batch_size)
 
     def _fire(self, event: Event) -> None:
         handlers = self._method_handlers[event]

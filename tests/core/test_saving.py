@@ -15,7 +15,7 @@ from haet.methods import parse_entry
 from haet.models import build_model
 
 #: Each method that changes the model, on a model it can change (digits: 1×8×8 images).
-TRANSFORMING = [("baseline", "mlp"), ("qat", "mlp"), ("binary_connect", "mlp"), ("mbst", "mlp"),
+TRANSFORMING = [("baseline", "mlp"), ("qat", "mlp"), ("binary_connect", "mlp"), ("mbst:memory_fraction=0.5", "mlp"),
                 ("tensor_train:min_params=1000", "mlp"), ("gradmax", "mlp"), ("downsample:factor=2", "mnist5k-cnn@16"),
                 ("gsp:mode=oneshot,start_epoch=1", "mlp")]
 

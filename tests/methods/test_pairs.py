@@ -73,11 +73,13 @@ def _effect(name: str, method, trainer, record) -> str | None:
         weights = [m.weight for m in _linear_conv(model)]
         zeros = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
         return None if mm.get("gsp/projections", 0) > 0 and zeros > 0.05 else f"{zeros:.1%} zeros in the model"
-    if name == "mbst":
+    if name == "mbst":  # the whole footprint under the bound, by sparsity and/or micro-batches
         from haet.methods._sparse_ops import _SparseLayer
 
         n = sum(isinstance(m, _SparseLayer) for m in model.modules())
-        return None if n and mm.get("mbst/sparsity", 0) > 0 else f"{n} sparse layers in the model"
+        held = 0 < mm.get("mbst/footprint_bytes", 0) <= mm.get("mbst/bound_bytes", 0)
+        acting = (n and mm.get("mbst/sparsity", 0) > 0) or 0 < mm.get("mbst/micro_batch", 0) < trainer.batch_size
+        return None if held and acting else f"bound not met or nothing done: {n} sparse layers, {mm}"
     if name == "gradmax":
         grown = mm.get("gradmax/growth_events", 0) >= 1 and mm.get("gradmax/width_fraction", 0) > 0.25
         return None if grown else f"no growth: {mm}"
