@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .loader import Loader, TensorData
+from .mnist1d import mnist1d_arrays
 
 BOS, EOS, PAD = 10, 11, 12
 VOCAB = 13
@@ -70,9 +71,7 @@ def make_sequences(signals: np.ndarray, labels: np.ndarray, n: int, seed: int) -
 
 
 def load_mnist1d_seq(seed: int, data_dir: str | None = None) -> tuple[TensorData, TensorData]:
-    from .tasks import _mnist1d_arrays
-
-    x, y, xt, yt = _mnist1d_arrays()
+    x, y, xt, yt = mnist1d_arrays()
     return (make_sequences(x, y, N_TRAIN, seed), make_sequences(xt, yt, N_TEST, seed + 1_000_003))
 
 

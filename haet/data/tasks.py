@@ -6,8 +6,6 @@ model and the models it accepts (`haet.models`).
 
 from __future__ import annotations
 
-import functools
-import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +16,7 @@ from ..core.config import parse_params
 from ..core.errors import ConfigError, choices_error
 from .cifar10 import load_cifar10
 from .loader import TensorData
+from .mnist1d import mnist1d_arrays
 from .seq import load_mnist1d_seq, seq_eval, seq_loss
 
 
@@ -65,22 +64,9 @@ def load_digits(seed: int, data_dir: str | None = None) -> tuple[TensorData, Ten
     return _split(d.data.reshape(-1, 1, 8, 8) / 16.0, d.target, seed, 1437)
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist1d_arrays():
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    saved, saved_py = np.random.get_state(), random.getstate()  # make_dataset reseeds both
-    try:
-        d = make_dataset(get_dataset_args())  # generated offline from the bundled templates
-    finally:
-        np.random.set_state(saved)
-        random.setstate(saved_py)
-    return d["x"], d["y"], d["x_test"], d["y_test"]
-
-
 def load_mnist1d(seed: int, data_dir: str | None = None) -> tuple[TensorData, TensorData]:
     """mnist1d's own 4,000 / 1,000 split of 40-sample signals (its generator is seeded itself)."""
-    x, y, xt, yt = _mnist1d_arrays()
+    x, y, xt, yt = mnist1d_arrays()
 
     def t(a, b):
         return TensorData(torch.tensor(a, dtype=torch.float32).unsqueeze(1), torch.tensor(b, dtype=torch.long))
