@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import warnings
 import sys
 from pathlib import Path
 
@@ -157,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """On the command line a warning is one line, like an error (no source location)."""
+    return f"haet: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         builtin = {"tasks": cmd_tasks, "methods": cmd_methods, "train": cmd_train, "bench": cmd_bench,
