@@ -39,6 +39,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 #: Subcommands that live in their own modules: name -> module exposing HELP, add_arguments(parser), run(args).
 COMMANDS: dict[str, str] = {
     "search": "haet.search.cli",
+    "challenge": "haet.challenge.cli",
 }
 
 # Wide tables when writing to a file or a pipe (CI logs, `make run | tee`); the terminal's width otherwise.

@@ -55,6 +55,7 @@ class Rules:
     time_budget_s: float = 10.0   # wall seconds per run: data preparation, model build, training
     runs: int = 5                 # seeds 0..runs-1
     holdout: float = 0.0          # share of the training split held out and scored instead of the test split
+    max_steps: int | None = None  # also stop after this many steps (reproducible comparisons; not a challenge rule)
 
     def __post_init__(self) -> None:
         if isinstance(self.time_budget_s, bool) or not isinstance(self.time_budget_s, (int, float)) \
@@ -75,8 +76,8 @@ def split_holdout(train: TensorData, share: float, seed: int) -> tuple[TensorDat
 
 
 def run_once(task: Task, recipe: Recipe, rules: Rules, seed: int, *, data_dir: str | None = None,
-             device: str = "cpu", out_dir: str | Path | None = None, data=None) -> RunRecord:
-    """One run under the rules; its record has ``challenge/accuracy`` (test, or held out with
+             device: str = "cpu", out_dir: str | Path | None = None, data=None) -> tuple[RunRecord, torch.nn.Module]:
+    """One run under the rules: (record, trained model); the record has ``challenge/accuracy`` (test, or held out with
     ``rules.holdout``), ``challenge/wall_s`` (the budgeted part) and ``challenge/overrun_s``.
     `data` (train, test) skips loading (a test's poisoned set); loading is then not timed."""
     start = time.perf_counter()
@@ -87,9 +88,10 @@ def run_once(task: Task, recipe: Recipe, rules: Rules, seed: int, *, data_dir: s
     model = recipe.build_model(task.input_shape, task.num_classes)
     left = rules.time_budget_s - (time.perf_counter() - start)
     trainer = Trainer(model, train, None, optimizer=make_optimizer(recipe.optimizer),
-                      methods=recipe.build_methods(), budget=Budget(time_s=max(left, 1e-3), no_overrun=True),
+                      methods=recipe.build_methods(), budget=Budget(time_s=max(left, 1e-3), steps=rules.max_steps,
+                                                                    no_overrun=True),
                       device=device, seed=seed, progress=False, batch_size=recipe.batch_size,
-                      precision=recipe.precision, scheduler=recipe.schedule(max(left, 1e-3)),
+                      precision=recipe.precision, scheduler=_schedule(recipe, rules, left),
                       task=task.name, model_name=recipe.model_name, label=recipe.name, out_dir=out_dir)
     record = trainer.fit(epochs=MAX_EPOCHS)  # the budget stops it (a spent budget still allows one step)
     wall_s = time.perf_counter() - start
@@ -102,7 +104,13 @@ def run_once(task: Task, recipe: Recipe, rules: Rules, seed: int, *, data_dir: s
                                   "challenge/overrun_s": max(0.0, wall_s - rules.time_budget_s)})
     if out_dir is not None:
         record.save(out_dir)
-    return record
+    return record, model
+
+
+def _schedule(recipe: Recipe, rules: Rules, left: float):
+    # Over the time left; over the steps when a step limit makes the run reproducible (the lr then
+    # does not depend on how fast the machine happened to be).
+    return recipe.schedule() if rules.max_steps else recipe.schedule(max(left, 1e-3))
 
 
 def score(accuracies: list[float]) -> dict:
