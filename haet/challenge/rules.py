@@ -63,6 +63,9 @@ class Rules:
             raise ConfigError(f"time budget must be a positive number of seconds, got {self.time_budget_s!r}")
         if isinstance(self.runs, bool) or not isinstance(self.runs, int) or not 1 <= self.runs <= 100:
             raise ConfigError(f"runs must be a whole number in 1..100, got {self.runs!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ConfigError(f"max_steps must be a positive whole number, got {self.max_steps!r}")
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
 
