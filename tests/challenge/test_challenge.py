@@ -145,3 +145,31 @@ def test_cli_writes_score_and_leaderboard_and_refuses_bad_input(tmp_path, capsys
         assert main(["challenge", *bad, "--out", str(tmp_path / "bad")]) == 2
         assert "nope" in capsys.readouterr().err or True
     assert not (tmp_path / "bad").exists()
+
+
+class _SlowSteps(__import__("haet").Method):
+    """Each step takes at least 100 ms; records the training clock after each step's budget check."""
+    name = "slow_steps"
+
+    def __init__(self):
+        super().__init__()
+        self.train_s: list[float] = []
+
+    def after_step(self, state):
+        __import__("time").sleep(0.1)
+
+    def batch_end(self, state):
+        self.train_s.append(state.clock.train_s)
+
+
+def test_the_trainer_does_not_start_a_step_expected_to_cross_the_budget(trainer_factory):
+    slow = _SlowSteps()
+    budget = 2.0
+    record = trainer_factory(methods=[slow], budget=Budget(time_s=budget, no_overrun=True)).fit(epochs=100)
+    t = slow.train_s
+    assert record.stopped_by == "budget:time" and len(t) == record.steps >= 2
+    # It stopped because the next step, as long as the last one, would have ended past the budget ...
+    assert t[-1] + (t[-1] - t[-2]) > budget
+    # ... and not earlier: each step it started was expected to end within it (clock-reading slack 5 ms).
+    for k in range(2, len(t)):
+        assert t[k - 1] + (t[k - 1] - t[k - 2]) <= budget + 0.005
