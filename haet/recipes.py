@@ -209,7 +209,7 @@ def fast(task: str | Task) -> Recipe:
                       max_lr=0.1, methods="label_smoothing:smoothing=0.2+ema:decay=0.99", batch_size=128,
                       epochs=10, augment=True, tta_flip=True, width=16, channels_last=True)
     return Recipe("fast", t.name, "fast-cnn", "sgd:lr=0.1,momentum=0.9,nesterov=true,weight_decay=0.0005",
-                  max_lr=0.1, methods="label_smoothing:smoothing=0.1", batch_size=64, epochs=3, width=16)
+                  max_lr=0.1, methods="label_smoothing:smoothing=0.1", batch_size=64, epochs=6, width=16)
 
 
 RECIPES: dict[str, Callable[[str | Task], Recipe]] = {"baseline": baseline, "fast": fast}
