@@ -11,6 +11,8 @@ RUN_OUT    ?= runs/main
 
 run: setup
 	$(BIN)/haet bench --task mnist5k --methods all --seeds 1 --epochs $(RUN_EPOCHS) --out $(RUN_OUT) --overwrite
+	$(BIN)/haet challenge --task mnist5k --recipe baseline --time-budget 5 --runs 1 --out $(RUN_OUT)/challenge-baseline --leaderboard $(RUN_OUT)/leaderboard.md
+	$(BIN)/haet challenge --task mnist5k --recipe fast --time-budget 5 --runs 1 --out $(RUN_OUT)/challenge-fast --leaderboard $(RUN_OUT)/leaderboard.md
 
 test: setup-dev
 	$(BIN)/python -m pytest -n 2 tests

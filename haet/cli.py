@@ -40,6 +40,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 #: Subcommands that live in their own modules: name -> module exposing HELP, add_arguments(parser), run(args).
 COMMANDS: dict[str, str] = {
     "search": "haet.search.cli",
+    "challenge": "haet.challenge.cli",
     "rl": "haet.rl.cli",
     "federated": "haet.federated.cli",
     "incremental": "haet.incremental.cli",

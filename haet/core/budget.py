@@ -21,36 +21,52 @@ class Budget:
     steps: int | None = None          # optimizer steps
     flops: float | None = None        # training FLOPs counted by the FLOPs meter
     peak_mem_mb: float | None = None  # MiB added by training: on CPU peak RSS minus RSS at fit start; CUDA allocator peak
+    #: Time only: do not start a step whose expected duration (the last step's) would cross
+    #: ``time_s`` -- the HAET challenge's rule: training stops *at* the budget, not after it.
+    no_overrun: bool = False
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
+        for name in _LIMITS:
+            v = getattr(self, name)
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"budget {f.name} must be a positive number, got {v!r}")
+                raise ConfigError(f"budget {name} must be a positive number, got {v!r}")
         if self.steps is not None and int(self.steps) != self.steps:
             raise ConfigError(f"budget steps must be a whole number, got {self.steps!r}")
+        if not isinstance(self.no_overrun, bool):
+            raise ConfigError(f"budget no_overrun must be True or False, got {self.no_overrun!r}")
 
     def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
+        return all(getattr(self, name) is None for name in _LIMITS)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if not self.no_overrun:
+            del out["no_overrun"]  # records written before the option read the same
+        return out
 
     def needs(self) -> set[str]:
         """The reading keys (meters' `readings()` plus ``steps``) this budget checks."""
-        return {_LIMITS[f.name][0] for f in fields(self) if getattr(self, f.name) is not None}
+        return {key for name, (key, _) in _LIMITS.items() if getattr(self, name) is not None}
 
-    def exhausted(self, readings: dict[str, float | None]) -> str | None:
+    def exhausted(self, readings: dict[str, float | None], next_step_s: float | None = None) -> str | None:
         """The kind of the first exhausted limit ("steps", "time", ...) or None, from readings
-        keyed like the meters' (``train_s``, ``energy_j``, ``flops``, ``peak_mem_mb``) and ``steps``."""
+        keyed like the meters' (``train_s``, ``energy_j``, ``flops``, ``peak_mem_mb``) and ``steps``.
+        With ``no_overrun``, time is exhausted when the next step (expected to take
+        ``next_step_s``) would end past the limit."""
         for name, (key, kind) in _LIMITS.items():
             limit = getattr(self, name)
             if limit is None:
                 continue
             value = readings.get(key)
-            if value is not None and value >= limit:
+            if value is None:
+                continue
+            if kind == "time" and self.no_overrun and next_step_s:
+                value += next_step_s
+                if value > limit:
+                    return kind
+            if value >= limit:
                 return kind
         return None
 

@@ -482,12 +482,17 @@ class Trainer:
             return None
         needs = budget.needs()
         readers = [m for m in self.meters if needs.intersection(m.provides)]
+        # The next step is expected to take as long as the last one (kept across epochs).
+        last_train_s = self.__dict__.setdefault("_last_train_s", [None])
 
         def check() -> None:
             readings: dict = {"steps": state.step}
             for meter in readers:
                 readings.update(meter.readings(state))
-            kind = budget.exhausted(readings)
+            now, before = readings.get("train_s"), last_train_s[0]
+            last_train_s[0] = now
+            step_s = now - before if (budget.no_overrun and now is not None and before is not None) else None
+            kind = budget.exhausted(readings, step_s)
             if kind is not None:
                 state.request_stop(f"budget:{kind}")
 

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "budgeted searches: qs (least-energy bit-width x width for a target accuracy)"
+HELP = ("budgeted searches: qs (least-energy bit-width x width for a target accuracy), "
+        "recipe (the best challenge recipe under a time budget, NOMAD or optuna)")
 
 BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 
@@ -38,6 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--out", required=True, help="directory for qs.json, report.md, qs.png, record.json, runs/")
     q.add_argument("--overwrite", action="store_true", help="replace a previous search in --out")
     q.add_argument("--quiet", action="store_true")
+    r = sub.add_parser("recipe", help="the best recipe under a challenge time budget (NOMAD or optuna), scored on "
+                                      "held-out training data, then re-run as a challenge")
+    r.add_argument("--task", default="mnist5k", help="a classification task (see `haet challenge --help`)")
+    r.add_argument("--recipe", default="fast", help="the recipe whose fields are searched (default fast)")
+    r.add_argument("--time-budget", type=float, default=10.0, help="wall seconds per challenge run (default 10)")
+    r.add_argument("--search-budget", default="20", help="evaluations (20) or wall time of the search (600s, 10m)")
+    r.add_argument("--backend", default="nomad", help="nomad (PyNomadBBO) or optuna (TPE with pruning)")
+    r.add_argument("--space", default="default", help="small, default or full (adds augmentation)")
+    r.add_argument("--eval-runs", type=int, default=1, help="runs per evaluation, seeds 0..N-1 (default 1)")
+    r.add_argument("--holdout", type=float, default=0.2, help="share of the training split scored (default 0.2)")
+    r.add_argument("--runs", type=int, default=5, help="runs of the final challenge of the best recipe (default 5)")
+    r.add_argument("--data-dir", help="files of tasks that need them")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--seed", type=int, default=0, help="the solver's seed")
+    r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    r.add_argument("--out", required=True, help="directory for search.json, best/ (the challenge), record.json")
+    r.add_argument("--quiet", action="store_true")
 
 
 def _numbers(text: str, kind: type, name: str, check) -> list:
@@ -56,6 +74,10 @@ def _numbers(text: str, kind: type, name: str, check) -> list:
 def run(args) -> int:
     if args.search == "qs":
         return run_qs(args)
+    if args.search == "recipe":
+        from .recipe_cli import run_recipe
+
+        return run_recipe(args)
     return 2
 
 

@@ -90,6 +90,11 @@ def _effect(name: str, method, trainer, record) -> str | None:
     if name == "eqprop":
         return None if mm.get("eqprop/steps", 0) == record.steps and record.cost["memory_bytes"]["activations"] == 0 \
             else f"backprop ran: {mm}"
+    if name == "label_smoothing":
+        return None if mm.get("label_smoothing/batches", 0) >= record.steps > 0 else f"loss not smoothed: {mm}"
+    if name == "ema":
+        return None if mm.get("ema/updates") == record.steps and mm.get("ema/applied") == 1 \
+            and torch.equal(method.average[0], trainable[0].detach()) else f"the model does not hold the average: {mm}"
     return f"no effect check for method {name!r}: add one to tests/methods/test_pairs.py"
 
 
