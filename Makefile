@@ -11,6 +11,7 @@ RUN_OUT    ?= runs/main
 
 run: setup
 	$(BIN)/haet bench --task mnist5k --methods all --seeds 1 --epochs $(RUN_EPOCHS) --out $(RUN_OUT) --overwrite
+	rm -rf $(RUN_OUT)/challenge-baseline $(RUN_OUT)/challenge-fast   # the previous main job's, like --overwrite above
 	$(BIN)/haet challenge --task mnist5k --recipe baseline --time-budget 5 --runs 1 --out $(RUN_OUT)/challenge-baseline --leaderboard $(RUN_OUT)/leaderboard.md
 	$(BIN)/haet challenge --task mnist5k --recipe fast --time-budget 5 --runs 1 --out $(RUN_OUT)/challenge-fast --leaderboard $(RUN_OUT)/leaderboard.md
 
