@@ -39,6 +39,20 @@ def check_choice(name: str, value: Any, allowed) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def parse_kv(rest: str, owner: str) -> dict[str, str]:
+    """The ``k=v,k=v`` part of a ``name:k=v,k=v`` spec as strings; `owner` ("method qat") names it in errors."""
+    name = owner.split()[-1]
+    raw: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad parameter {item!r} for {owner}; write {name}:key=value,key=value")
+        if key.strip() in raw:
+            raise ConfigError(f"parameter {key.strip()!r} given twice for {owner}")
+        raw[key.strip()] = value.strip()
+    return raw
+
+
 def parse_params(config_class: type, raw: dict[str, str], *, owner: str) -> Any:
     """Build `config_class` from string values, converting each by its annotation."""
     hints = typing.get_type_hints(config_class)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import check_range, parse_params
+from .config import check_range, parse_kv, parse_params
 from .errors import ConfigError
 
 
@@ -241,12 +241,4 @@ def split_spec(spec: str, what: str, known: dict) -> tuple[str, dict[str, str]]:
     name = name.strip().lower()
     if name not in known:
         raise ConfigError(f"unknown {what} {name!r}; choose one of: {', '.join(known)}")
-    raw: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"bad parameter {item!r} for {what} {name}; write {name}:key=value,key=value")
-        if key.strip() in raw:
-            raise ConfigError(f"parameter {key.strip()!r} given twice for {what} {name}")
-        raw[key.strip()] = value.strip()
-    return name, raw
+    return name, parse_kv(rest, f"{what} {name}")

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..core.config import parse_params
+from ..core.config import parse_kv, parse_params
 from ..core.errors import ConfigError, choices_error
 from .cifar10 import load_cifar10
 from .loader import TensorData
@@ -109,14 +109,7 @@ def get_task(name: str) -> Task:
         return task
     if task.params is None:
         raise ConfigError(f"task {base} takes no parameters, got {rest!r}")
-    raw: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"bad parameter {item!r} for task {base}; write {base}:key=value,key=value")
-        if key.strip() in raw:
-            raise ConfigError(f"parameter {key.strip()!r} given twice for task {base}")
-        raw[key.strip()] = value.strip()
+    raw = parse_kv(rest, f"task {base}")
     return task.configure(parse_params(task.params, raw, owner=f"task {base}"))
 
 

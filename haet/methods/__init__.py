@@ -15,7 +15,7 @@ import inspect
 import pkgutil
 from importlib.metadata import entry_points
 
-from ..core.config import parse_params
+from ..core.config import parse_kv, parse_params
 from ..core.errors import ConfigError
 from ..core.method import Method
 
@@ -87,14 +87,7 @@ def parse_method(spec: str) -> Method:
     """Build a method from ``name`` or ``name:k=v,k=v``."""
     name, _, rest = spec.strip().partition(":")
     cls = get_method_class(name.strip())
-    raw: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"bad parameter {item!r} for method {name}; write {name}:key=value,key=value")
-        if key.strip() in raw:
-            raise ConfigError(f"parameter {key.strip()!r} given twice for method {name}")
-        raw[key.strip()] = value.strip()
+    raw = parse_kv(rest, f"method {name.strip()}")
     if cls.config_class is None:
         if raw:
             raise ConfigError(f"method {name} takes no parameters, got {', '.join(raw)}")
