@@ -20,6 +20,7 @@ or a loss that became non-finite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import warnings
@@ -287,6 +288,7 @@ def cmd_train(args) -> int:
     check_out_dir(out_dir, args.overwrite or bool(args.resume))  # a file, an unwritable folder: exit 2 now
     # Only one run writes into a folder at a time (under torchrun, rank 0 writes and holds it).
     lock = FolderLock(out_dir) if env_world()[0] == 0 else None
+    new_folder = not out_dir.exists()
     try:
         if lock is not None:
             lock.acquire()
@@ -304,6 +306,14 @@ def cmd_train(args) -> int:
         else:
             print(f"haet: training failed: {e}; {written}", file=sys.stderr)
         return EXIT_FAILED
+    except ConfigError:
+        if lock is not None:
+            lock.release()
+            lock = None
+        if new_folder:  # bad input found when training started: the folder made for it goes again
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -163,3 +163,13 @@ def test_methods_all_keeps_those_that_fit_and_names_the_others():
     assert sorted(dict(skipped)) == ["downsample", "eqprop", "gradmax", "tensor_train"]
     assert "growable" in dict(skipped)["gradmax"] and "change nothing" in dict(skipped)["tensor_train"]
     assert set(kept) | set(dict(skipped)) == set(split_entries("all"))
+
+
+def test_a_method_refusing_at_fit_start_leaves_nothing_written(tmp_path, capsys):
+    out = tmp_path / "ds"
+    # downsample needs inputs of at least 16×16; digits are 8×8: refused when training starts
+    code = main(["train", "--task", "digits", "--model", "mnist5k-cnn", "--method", "downsample", "--epochs", "1",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "downsample" in err and err.count("haet: error") == 1
+    assert not out.exists()

@@ -162,7 +162,11 @@ def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, ch
     try:
         record = trainer.fit(c.epochs, resume_from=out_dir if resume else None)
     except ConfigError:
-        raise  # bad input (a checkpoint that does not fit): nothing written
+        # Bad input found when training starts (a checkpoint that does not fit, a method refusing
+        # the model at fit start): nothing stays written.
+        if write_config and not resume:
+            (out_dir / "config.json").unlink(missing_ok=True)
+        raise
     except Exception as err:
         if write_config and resume:
             files.write_text(out_dir / "config.json", json.dumps(asdict(c), indent=2) + "\n")
