@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="a model the task accepts (default: the task's)")
     t.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,k=v]",
                    help="a method and its parameters; repeat to combine methods")
+    t.add_argument("--recipe", help="fast or baseline: the recipe's model, optimizer, one-cycle schedule, methods, "
+                   "batch size, epochs and precision, each unless given explicitly (see haet challenge)")
     t.add_argument("--epochs", type=int, help="epochs to train (default 5; with --resume, the total)")
     t.add_argument("--budget", help=BUDGET_HELP)
     _training_options(t)
@@ -272,12 +274,16 @@ def cmd_train(args) -> int:
     else:
         if args.method and "baseline" in args.method:
             raise ConfigError("'baseline' means no method: for train, omit --method")
-        config = RunConfig(task=args.task or "mnist5k", model=args.model, methods="+".join(args.method) or "baseline",
-                           seed=0 if args.seed is None else args.seed, epochs=5 if args.epochs is None else args.epochs,
+        options = _training_config(args)
+        recipe = _recipe_defaults(args.recipe, args.task or "mnist5k", options, explicit_precision=args.precision)
+        config = RunConfig(task=args.task or "mnist5k", model=args.model or recipe.get("model"),
+                           methods="+".join(args.method) or recipe.get("methods", "baseline"),
+                           seed=0 if args.seed is None else args.seed,
+                           epochs=args.epochs if args.epochs is not None else recipe.get("epochs", 5),
                            budget=Budget.parse(args.budget).to_dict() if args.budget else {},
                            device=args.device or "auto", data_dir=args.data_dir,
-                           batch_size=64 if args.batch_size is None else args.batch_size,
-                           save_model=args.save_model, log=list(dict.fromkeys(args.log)), **_training_config(args))
+                           batch_size=args.batch_size if args.batch_size is not None else recipe.get("batch_size", 64),
+                           save_model=args.save_model, log=list(dict.fromkeys(args.log)), **options)
         notes = {}
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.out) if args.out else Path("runs/train") / f"{config.task}-{stamp}"
@@ -345,6 +351,25 @@ def resume_notes(methods: str, trained: int, planned: int, total: int) -> dict:
                                                 f"{EPOCH_SCHEDULED[name]}, so this run is not identical to an "
                                                 "uninterrupted one")
     return notes
+
+
+def _recipe_defaults(name: str | None, task: str, options: dict, *, explicit_precision: str | None) -> dict:
+    """RunConfig fields a recipe sets (`options` gets its optimizer, schedule and precision unless
+    they were given on the command line)."""
+    if not name:
+        return {}
+    from .recipes import get_recipe
+
+    r = get_recipe(name, task)
+    if r.augment or r.tta_flip:
+        warnings.warn(f"recipe {name} on {task}: its augmentation and test-time flips run in `haet challenge`, "
+                      "not in `haet train`", stacklevel=2)
+    options["optimizer"] = options["optimizer"] or r.optimizer
+    if r.max_lr is not None:
+        options["schedule"] = options["schedule"] or f"onecycle:max_lr={r.max_lr},pct_start=0.25"
+    if explicit_precision is None:
+        options["precision"] = r.precision
+    return {"model": r.model_name, "methods": r.methods, "epochs": r.epochs, "batch_size": r.batch_size}
 
 
 def _print_summary(record, out_dir: Path) -> None:

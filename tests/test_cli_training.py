@@ -173,3 +173,19 @@ def test_a_method_refusing_at_fit_start_leaves_nothing_written(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "downsample" in err and err.count("haet: error") == 1
     assert not out.exists()
+
+
+def test_train_takes_a_recipe_and_explicit_flags_win(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "r"
+    assert main(["train", "--task", "digits", "--recipe", "fast", "--epochs", "1", "--batch-size", "128",
+                 "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "fast-cnn" and config["methods"].startswith("label_smoothing")
+    assert config["optimizer"].startswith("sgd:") and config["schedule"].startswith("onecycle:")
+    assert config["epochs"] == 1 and config["batch_size"] == 128           # given on the command line
+    record = json.loads((out / "record.json").read_text())
+    assert record["model"] == "fast-cnn" and record["methods"][0]["name"] == "label_smoothing"
+    assert main(["train", "--task", "digits", "--recipe", "slow", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown recipe 'slow'" in capsys.readouterr().err and not (tmp_path / "x").exists()

