@@ -294,7 +294,7 @@ def cmd_train(args) -> int:
     check_out_dir(out_dir, args.overwrite or bool(args.resume))  # a file, an unwritable folder: exit 2 now
     # Only one run writes into a folder at a time (under torchrun, rank 0 writes and holds it).
     lock = FolderLock(out_dir) if env_world()[0] == 0 else None
-    new_folder = not out_dir.exists()
+    new_folder, refused = not out_dir.exists(), False
     try:
         if lock is not None:
             lock.acquire()
@@ -313,16 +313,14 @@ def cmd_train(args) -> int:
             print(f"haet: training failed: {e}; {written}", file=sys.stderr)
         return EXIT_FAILED
     except ConfigError:
-        if lock is not None:
-            lock.release()
-            lock = None
-        if new_folder:  # bad input found when training started: the folder made for it goes again
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only when empty
+        refused = True
         raise
     finally:
         if lock is not None:
             lock.release()
+        if refused and new_folder:  # bad input found when training started: the folder made for it goes again
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty
     if env_world()[0] != 0:
         return EXIT_OK  # under torchrun only rank 0 reports
     if args.quiet:

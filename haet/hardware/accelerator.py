@@ -114,6 +114,12 @@ class Accelerator:
         layers = layer_shapes(model, input_shape)
         if not layers:
             raise ConfigError(f"the accelerator model found no Linear or Conv layer in {type(model).__name__}")
+        return self.estimate_layers(layers, bits, table)
+
+    def estimate_layers(self, layers: list[tuple[int, int, int, int]], bits: int,
+                        table: HardwareTable | None = None) -> dict:
+        """`estimate` from the (MACs, weights, inputs, outputs) of each layer (`layer_shapes`)."""
+        table = table or HardwareTable.default()  # resolved once, not per layer
         costs = [self.layer_cost(*shape, bits=bits, table=table) for shape in layers]
         cycles = sum(c["cycles"] for c in costs)
         dram = sum(c["dram_bytes"] for c in costs)

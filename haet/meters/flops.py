@@ -182,9 +182,10 @@ def label_flops(model: torch.nn.Module, forward: dict[str, float], backward: dic
         if n:
             out[dtype] = out.get(dtype, 0.0) + n
 
+    layers = labelled_layers(model)
     for phase, counts in (("forward", forward), ("backward", backward)):
         rest = counts.get("Global", 0.0)
-        for name, module in labelled_layers(model).items():
+        for name, module in layers.items():
             n = _lookup(counts, name)
             label = module.flop_dtype
             add(label.get(phase, default) if isinstance(label, dict) else str(label), n)

@@ -121,23 +121,19 @@ def search(grid: Sequence[Point], train: Callable[[int, float], list[float]], ta
             break
         if key in points and points[key].accuracy is None:
             run(key, "initial design")
-    while True:
+    while True:  # ends when no untrained point is predicted to meet the target at less energy
         surface = fit_surface(list(points.values()))
         for p in points.values():
             p.predicted = surface(p.bits, p.scale)
         meeting = [p for p in points.values() if p.accuracy is not None and p.accuracy >= target]
+        chosen = min(meeting, key=lambda p: p.energy_j) if meeting else None
         candidates = sorted((p for p in points.values() if p.accuracy is None and p.predicted == p.predicted
                              and p.predicted >= target), key=lambda p: p.energy_j)
-        cheapest_met = min(meeting, key=lambda p: p.energy_j) if meeting else None
-        if candidates and trainings < max_trainings and (cheapest_met is None
-                                                         or candidates[0].energy_j < cheapest_met.energy_j):
-            points[(candidates[0].bits, candidates[0].scale)].verified = True
-            run((candidates[0].bits, candidates[0].scale), "predicted to meet the target at less energy")
-            continue
-        break
-    chosen = min(meeting, key=lambda p: p.energy_j) if (meeting := [p for p in points.values()
-                                                                    if p.accuracy is not None and p.accuracy >= target]) \
-        else None
+        if not candidates or trainings >= max_trainings or (chosen is not None
+                                                            and candidates[0].energy_j >= chosen.energy_j):
+            break
+        candidates[0].verified = True
+        run((candidates[0].bits, candidates[0].scale), "predicted to meet the target at less energy")
     return {"chosen": chosen, "points": list(points.values()), "trainings": trainings,
             "best": max((p for p in points.values() if p.accuracy is not None), key=lambda p: p.accuracy, default=None)}
 
@@ -145,10 +141,13 @@ def search(grid: Sequence[Point], train: Callable[[int, float], list[float]], ta
 def grid_points(accel: Accelerator, model_name: str, input_shape, num_classes: int, bits: Sequence[int],
                 scales: Sequence[float]) -> list[Point]:
     """Every (q, s) with its accelerator estimate (no training)."""
+    from ..hardware import layer_shapes
+
+    shapes = {s: layer_shapes(scaled_model(model_name, input_shape, num_classes, s), input_shape) for s in scales}
     out = []
     for q in bits:
         for s in scales:
-            est = accel.estimate(scaled_model(model_name, input_shape, num_classes, s), input_shape, q)
+            est = accel.estimate_layers(shapes[s], q)
             out.append(Point(q, s, est["accel/energy_per_inference_j"], est["accel/latency_s"],
                              est["accel/dram_bytes"]))
     return out
