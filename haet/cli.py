@@ -376,9 +376,16 @@ def _print_summary(record, out_dir: Path) -> None:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     mem = c.get("memory_bytes", {})
-    rows = [
-        ("test accuracy", _f(record.metrics.get("accuracy"), ".4f")),
-        ("test loss", _f(record.metrics.get("loss"), ".4f")),
+    m = record.metrics
+    if "nll" in m and "accuracy" not in m:  # a generative task: likelihoods in nats per image
+        rows = [(f"test NLL (importance-weighted, K = {m.get('iw_samples')})", _f(m.get("nll"), ".3f", " nats")),
+                ("test negative ELBO", _f(m.get("neg_elbo"), ".3f", " nats")),
+                ("test bits/dim", _f(m.get("bits_per_dim"), ".4f")),
+                ("test KL / active units", f"{_f(m.get('kl'), '.2f', ' nats')} / {m.get('active_units', '–')}")]
+    else:
+        rows = [("test accuracy", _f(m.get("accuracy"), ".4f")), ("test loss", _f(m.get("loss"), ".4f"))]
+    rows += [
+        ("model parameters", f"{c['model_params']:,}" if isinstance(c.get("model_params"), int) else "–"),
         ("epochs / steps", f"{record.epochs} / {record.steps}"),
         ("stopped by", record.stopped_by),
         ("evaluated at step", _last_eval_step(record)),

@@ -91,7 +91,7 @@ def as_precision(value) -> Precision:
 
 
 #: Metric names read as "lower is better" (a target is met at or below it); all others at or above.
-_LOWER_IS_BETTER = re.compile(r"(loss|error|err|perplexity|mse|mae|rmse|wer|cer|ter)(_|$)|_s$", re.IGNORECASE)
+_LOWER_IS_BETTER = re.compile(r"(loss|error|err|perplexity|mse|mae|rmse|wer|cer|ter|nll|neg_elbo|bits_per_dim|bpd)(_|$)|_s$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ class TrainProgress:
         self.live = self.console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(bar_width=16), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"), TimeElapsedColumn(),
+            TextColumn("loss {task.fields[loss]} {task.fields[acc]}"), TimeElapsedColumn(),
             TextColumn("{task.fields[budget]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
             console=self.console, transient=False, disable=not self.live)
         self._task = None
@@ -43,8 +43,12 @@ class TrainProgress:
         self.progress.__exit__(*exc)
 
     def _accuracy(self) -> str:
-        acc = self.state.eval_metrics.get("accuracy")
-        return f"{acc:.3f}" if isinstance(acc, float) else "-"
+        """The headline of the last evaluation: accuracy, or a generative task's NLL in nats."""
+        metrics = self.state.eval_metrics
+        if isinstance(metrics.get("nll"), float) and "accuracy" not in metrics:
+            return f"nll {metrics['nll']:.2f}"
+        acc = metrics.get("accuracy")
+        return f"acc {acc:.3f}" if isinstance(acc, float) else "acc -"
 
     def _end_epoch(self) -> None:
         """Put the evaluation that followed the finished epoch on its line (or print the line)."""
@@ -56,7 +60,7 @@ class TrainProgress:
             loss = "-" if self._loss is None else f"{self._loss:.4f}"
             left = self._budget_left()
             self.console.print(f"epoch {self._epoch}/{self.state.epochs}  step {self._step}  loss {loss}  "
-                               f"acc {self._accuracy()}  {time.perf_counter() - self._start:.1f}s"
+                               f"{self._accuracy()}  {time.perf_counter() - self._start:.1f}s"
                                + (f"  {left}" if left else ""), soft_wrap=True, highlight=False)
 
     def advance(self, loss: float) -> None:
@@ -68,7 +72,7 @@ class TrainProgress:
                 total = len(state.train_loader)
             except TypeError:
                 total = None
-            fields = {"epoch": f"{state.epoch}/{state.epochs}", "loss": "-", "acc": "-", "budget": ""}
+            fields = {"epoch": f"{state.epoch}/{state.epochs}", "loss": "-", "acc": "acc -", "budget": ""}
             self._task = self.progress.add_task("train", total=total, **fields)
         self._loss, self._step = loss, state.step
         if self.live:

@@ -561,6 +561,8 @@ class Trainer:
         cost: dict = {}
         for meter in self.meters:
             cost.update(meter.report(state))
+        # The model as it ended (methods may have grown, pruned or replaced layers): its parameter elements.
+        cost["model_params"] = sum(p.numel() for p in state.model.parameters())
         method_metrics: dict = {}
         for method in self.methods:
             method_metrics.update(method.metrics())

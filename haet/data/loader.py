@@ -42,6 +42,28 @@ class TensorData(Dataset):
         return TensorData(self.x.to(device), self.y.to(device))
 
 
+class BernoulliData(TensorData):
+    """Images with values in [0, 1] whose training batches are binary draws: each pixel is 1 with
+    its grey value as probability, drawn afresh each epoch (dynamic binarization). `Loader` draws
+    from a generator of (seed, epoch, batch), so a resumed run sees the same draws; indexing one
+    sample draws from torch's global generator."""
+
+    def __getitem__(self, i):
+        return torch.bernoulli(self.x[i]), self.y[i]
+
+    def __getitems__(self, indices) -> list[tuple]:
+        return [self[i] for i in indices]
+
+    def to(self, device) -> "BernoulliData":
+        return BernoulliData(self.x.to(device), self.y.to(device))
+
+    @staticmethod
+    def draw(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return torch.bernoulli(x.cpu(), generator=generator).to(x.device)
+        return torch.bernoulli(x, generator=generator)
+
+
 def as_tensor_data(data: Any, what: str = "this method") -> TensorData:
     """`data` as a `TensorData`: a TensorData as is; a ``TensorDataset`` of (x, y) tensors, or a
     DataLoader over one, by its tensors; any other map-style Dataset of (x, y) tensor samples by
@@ -109,14 +131,15 @@ class Loader:
     def __iter__(self) -> Iterator[tuple]:
         order = self._order()
         x, y = self.data.x, self.data.y
+        draws = None
+        if isinstance(self.data, BernoulliData):  # a stream of its own: the data order stays as it was
+            draws = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 7919 + 1)
         stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
         for start in range(0, stop, self.batch_size):
             pos = order[start:start + self.batch_size]
-            if self.indices is None:
-                yield x[pos], y[pos]
+            idx = pos if self.indices is None else self.indices[pos]
+            xb = x[idx] if draws is None else BernoulliData.draw(x[idx], draws)
+            if self.indices is None or self.weights is None:
+                yield xb, y[idx]
             else:
-                idx = self.indices[pos]
-                if self.weights is None:
-                    yield x[idx], y[idx]
-                else:
-                    yield x[idx], y[idx], self.weights[pos]
+                yield xb, y[idx], self.weights[pos]

@@ -99,6 +99,15 @@ def _register_graph_tasks() -> None:
 _register_graph_tasks()
 
 
+def _register_generative_tasks() -> None:
+    from ..generative.tasks import generative_tasks
+
+    TASKS.update((t.name, t) for t in generative_tasks())
+
+
+_register_generative_tasks()
+
+
 def get_task(name: str) -> Task:
     """A task by name; ``name:k=v,k=v`` sets the parameters of a task that declares them."""
     base, sep, rest = name.partition(":")
@@ -114,7 +123,13 @@ def get_task(name: str) -> Task:
 
 
 def check_model_for_task(task: Task, model: str | None) -> str:
+    """The model spec to build (``name`` or ``name:k=v,...``), its name checked against the task's
+    models and its parameters validated now."""
+    from ..models import check_model_spec
+
     model = model or task.default_model
-    if model not in task.models:
-        raise ConfigError(f"model {model!r} does not fit task {task.name}; choose one of: {', '.join(task.models)}")
+    base = model.partition(":")[0]
+    if base not in task.models:
+        raise ConfigError(f"model {base!r} does not fit task {task.name}; choose one of: {', '.join(task.models)}")
+    check_model_spec(model)
     return model

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.errors import choices_error
+from ..core.errors import ConfigError, choices_error
 from .transformer import transformer
 
 
@@ -116,10 +116,39 @@ def _eqprop_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return eqprop_mlp(input_shape, num_classes)
 
 
+#: Models that take parameters (``--model NAME:k=v,k=v``): name -> (frozen dataclass,
+#: ``build(input_shape, num_classes, params)``).
+MODEL_PARAMS: dict[str, tuple[type, Callable]] = {}
+
+
+def _parse_spec(spec: str):
+    from ..core.config import parse_kv, parse_params
+
+    base, sep, rest = spec.partition(":")
+    if base not in MODELS:
+        raise choices_error("model", base, MODELS)
+    if base not in MODEL_PARAMS:
+        if sep:
+            raise ConfigError(f"model {base} takes no parameters, got {rest!r}")
+        return base, None
+    params_class = MODEL_PARAMS[base][0]
+    return base, parse_params(params_class, parse_kv(rest, f"model {base}") if sep else {}, owner=f"model {base}")
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise ConfigError when `spec` names no model or gives it a bad parameter."""
+    _parse_spec(spec)
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if name not in MODELS:
-        raise choices_error("model", name, MODELS)
-    return MODELS[name][0](tuple(input_shape), num_classes)
+    """The model `name` (``mlp``, ``srvae:layers=10,latents=10``) for this input shape and class count."""
+    base, params = _parse_spec(name)
+    if params is not None:
+        try:
+            return MODEL_PARAMS[base][1](tuple(input_shape), num_classes, params)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return MODELS[base][0](tuple(input_shape), num_classes)
 
 
 def _register_graph_models() -> None:
@@ -129,3 +158,24 @@ def _register_graph_models() -> None:
 
 
 _register_graph_models()
+
+
+def _register_generative_models() -> None:
+    from ..generative.models import KINDS, VaeParams
+
+    described = {"srvae": "self-reflective VAE: L raster blocks, bijective latent layers, posterior sharing the "
+                          "bijectors (srvae:layers=10,latents=10,hidden=256)",
+                 "ladder-vae": "ladder VAE: top-down inference with precision-weighted, shared priors (same "
+                               "parameter count as srvae unless hidden= is given)",
+                 "hvae": "hierarchical VAE with a bottom-up posterior (same parameter count as srvae unless "
+                         "hidden= is given)"}
+    for kind, cls in KINDS.items():
+        def build(shape, classes, params, cls=cls):
+            return cls(shape, params)
+
+        MODELS[kind] = (lambda shape, classes, cls=cls: cls(shape, VaeParams()), described[kind])
+        MODEL_PARAMS[kind] = (VaeParams, build)
+
+
+_register_generative_models()
+
