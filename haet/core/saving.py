@@ -15,6 +15,8 @@ load. model.json is validated as data (types, names, sizes) before anything is b
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 from pathlib import Path
@@ -83,13 +85,16 @@ def load_model(directory: str | Path, model: nn.Module | None = None, *, device:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..data.tasks import TASKS
+    from ..data.tasks import get_task
     from ..methods import get_method_class
     from ..models import build_model
 
     directory = Path(directory)
     meta = read_meta(directory)
-    task = TASKS.get(meta["task"]) if meta["task"] else None
+    task = None
+    if meta["task"]:
+        with contextlib.suppress(ConfigError):  # a task with parameters (sbm:nodes=..) is found by its spec
+            task = get_task(meta["task"])
     input_shape = tuple(meta["input_shape"] or (task.input_shape if task else ()))
     num_classes = meta["num_classes"] if meta["num_classes"] is not None else (task.num_classes if task else None)
     if model is None:

@@ -105,8 +105,13 @@ def _mlp(n_in: int, hidden: int, n_out: int, depth: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs (under autocast) widened to float32 for the densities; float64 kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _gaussian(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mu, s = out.float().chunk(2, dim=-1)
+    mu, s = _wide(out).chunk(2, dim=-1)
     return mu, F.softplus(s) + MIN_SIGMA
 
 
@@ -168,7 +173,8 @@ class HierarchicalVAE(nn.Module):
         if x.dim() < 2 or math.prod(x.shape[1:]) != self.dim:
             raise ValueError(f"{self.kind} expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
-        return x.reshape(len(x), self.dim).float()
+        x = x.reshape(len(x), self.dim)
+        return x if x.dtype == torch.float64 else x.float()
 
     def _rec_kl(self, x: torch.Tensor, terms: list[LayerTerms]) -> tuple[torch.Tensor, torch.Tensor]:
         kl = sum(self.layer_kl(terms))
@@ -207,7 +213,7 @@ class SRVAE(HierarchicalVAE):
         """z_l = c + (diag(d) + u u^T) eps with (c, d, u) from z_{l-1}. d in (0, 2) and |u|^2 < 1
         keep the matrix positive definite (invertible) with eigenvalues below 3: unbounded, the
         scale of z would compound from layer to layer (u grows with z, and z with |u|^2)."""
-        c, d, u = self.bijector[l](z_prev).float().chunk(3, dim=-1)
+        c, d, u = _wide(self.bijector[l](z_prev)).chunk(3, dim=-1)
         d = 2 * torch.sigmoid(d) + MIN_SIGMA
         u = torch.tanh(u) / math.sqrt(self.latents)
         return c + d * eps + u * (u * eps).sum(-1, keepdim=True)
@@ -226,9 +232,9 @@ class SRVAE(HierarchicalVAE):
         return out
 
     def block_logits(self, l: int, z: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
-        logits = self.data[l](z).float()
+        logits = _wide(self.data[l](z))
         if l > 0:
-            logits = logits + self.residual[l - 1](x_prev).float()
+            logits = logits + _wide(self.residual[l - 1](x_prev))
         return logits
 
     def log_likelihood(self, x, terms):
@@ -271,7 +277,7 @@ class _ChainVAE(HierarchicalVAE):
         return _gaussian(self.prior[l - 1](z_prev))
 
     def log_likelihood(self, x, terms):
-        return bernoulli_log_prob(self._flat(x), self.decoder(terms[-1].z).float())
+        return bernoulli_log_prob(self._flat(x), _wide(self.decoder(terms[-1].z)))
 
     @torch.no_grad()
     def sample(self, n, generator=None, *, binary=False):
@@ -280,7 +286,7 @@ class _ChainVAE(HierarchicalVAE):
         for l in range(1, self.num_layers):
             mu, sigma = self._prior(l, z, z)
             z = mu + sigma * torch.randn(mu.shape, generator=generator, device=device)
-        p = torch.sigmoid(self.decoder(z).float())
+        p = torch.sigmoid(_wide(self.decoder(z)))
         return (torch.bernoulli(p, generator=generator) if binary else p).view(n, *self.input_shape)
 
 

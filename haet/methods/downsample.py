@@ -143,6 +143,11 @@ class Downsample(Method):
         self.flops_saved = 0.0
         self.flops_per_sample: tuple[float, float] = (0.0, 0.0)  # (full, low) forward+backward
 
+    def check_model(self, model) -> None:
+        if not any(type(m) in (nn.Conv1d, nn.Conv2d) for m in model.modules()):
+            raise ConfigError(f"downsample needs a convolutional model; {type(model).__name__} has no Conv1d/Conv2d "
+                              "layer")
+
     def fit_start(self, state) -> None:
         c, model = self.config, state.unwrapped_model
         low_epochs = round(c.until * state.epochs)

@@ -227,6 +227,12 @@ class GradMatch(_SubsetMethod):
                 raise ConfigError(f"gradmatch matches the loss gradients backpropagation computes; with {other.name} "
                                   "the model trains on other gradients; use one of them")
 
+    def check_model(self, model) -> None:
+        if getattr(model, "generative", False):
+            raise ConfigError(f"gradmatch matches a classifier's last-layer loss gradients, class by class; "
+                              f"{type(model).__name__} is a generative model with no class output (random_subset "
+                              "trains on subsets of any task)")
+
     def __init__(self, config: GradMatchConfig | None = None, /, **params) -> None:
         super().__init__(config, **params)
         self.match_error = float("nan")

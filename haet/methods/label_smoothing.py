@@ -53,6 +53,11 @@ class LabelSmoothing(Method):
         super().__init__(config, **params)
         self.steps = 0
 
+    def check_model(self, model) -> None:
+        if getattr(model, "generative", False):
+            raise ConfigError(f"label_smoothing smooths the targets of a classifier's cross-entropy; "
+                              f"{type(model).__name__} is a generative model (its loss is the negative ELBO)")
+
     def check_compatible(self, others: list[Method]) -> None:
         # A method that computes the gradients itself never reads state.loss: the smoothing would be dropped.
         for other in others:
