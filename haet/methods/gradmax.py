@@ -124,21 +124,26 @@ class GradMaxGrowth(Method):
         self._model: nn.Module | None = None
         self._optimizer = None
 
-    def fit_start(self, state) -> None:
-        if state.world_size > 1:
-            raise ConfigError("gradmax changes parameter shapes during training, which DistributedDataParallel "
-                              "cannot follow; run it on one process")
-        self._model, self._optimizer = state.unwrapped_model, state.optimizer
-        pairs = find_pairs(self._model)
-        if not isinstance(self._model, nn.Sequential) or not pairs:
+    def check_model(self, model) -> dict:
+        """The growable pairs of `model`; ConfigError when there are none."""
+        pairs = find_pairs(model)
+        if not isinstance(model, nn.Sequential) or not pairs:
             # Growth follows the data through a chain of layers; outside an nn.Sequential the chain (and
             # the shapes it sees, e.g. a Transformer's (batch, seq, d)) is unknown, and with no pair
             # gradmax would change nothing.
             raise ConfigError(f"gradmax needs an nn.Sequential model with a growable pair of layers (Linear/Conv2d → "
                               f"Linear/Conv2d, with only activations, pooling, dropout or one Flatten between); got "
-                              f"{type(self._model).__name__}" + ("" if isinstance(self._model, nn.Sequential)
-                                                                 else " (not an nn.Sequential)")
+                              f"{type(model).__name__}" + ("" if isinstance(model, nn.Sequential)
+                                                           else " (not an nn.Sequential)")
                               + ("" if pairs else " with no growable pair"))
+        return pairs
+
+    def fit_start(self, state) -> None:
+        if state.world_size > 1:
+            raise ConfigError("gradmax changes parameter shapes during training, which DistributedDataParallel "
+                              "cannot follow; run it on one process")
+        self._model, self._optimizer = state.unwrapped_model, state.optimizer
+        pairs = self.check_model(self._model)
         self.full = {name: width(self._model.get_submodule(name)) for name in pairs}
         self.start = {name: max(1, round(self.config.start_width * w)) for name, w in self.full.items()}
         _use_grow_relu(self._model, list(pairs.values()))
