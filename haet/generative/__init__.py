@@ -11,7 +11,9 @@ evaluation `generative_eval` reports, in nats per image,
   al. 2016), ``-log (1/K) sum_k p(x, z_k) / q(z_k | x)``, an upper bound of -log p(x) that
   tightens as K grows (``iw_samples``: the task parameter ``iw``);
 - ``bits_per_dim``: ``nll / (D ln 2)``; ``recon`` and ``kl``: the two terms of the ELBO;
-  ``active_units``: latent units whose posterior mean varies over the data (Cov > 0.01).
+  ``active_units``: latent units whose posterior mean E_q[z | x] varies over the data
+  (Cov_x > 0.01, Burda et al. 2016; for srvae the units of eps; the mean over the latents above
+  is taken by averaging 8 posterior passes).
 
 Evaluation draws its samples from its own seeded generator: it never moves the training's random
 stream, and the same model gets the same figures.
@@ -31,6 +33,8 @@ from .models import HVAE, SRVAE, HierarchicalVAE, LadderVAE, VaeParams, build_va
 __all__ = ["HierarchicalVAE", "SRVAE", "LadderVAE", "HVAE", "VaeParams", "build_vae", "matched_hidden",
            "negative_elbo", "generative_eval", "iw_nll", "is_generative"]
 
+#: Posterior passes averaged for the active-units count.
+AU_PASSES = 8
 #: Rows of posterior samples per chunk when estimating the importance-weighted likelihood.
 IW_ROWS = 20_000
 
@@ -92,7 +96,12 @@ def generative_eval(model: torch.nn.Module, data: Any, device: torch.device, *, 
             sums["kl"] += float(kl.sum())
             sums["neg_elbo"] += float((recon + kl).sum())
             sums["nll"] += float(iw_nll(model, x, iw_samples, generator).sum())
-            means.append(torch.cat([t.mu_q.float() for t in terms], dim=-1).cpu())
+            # E_q[z | x] per layer, averaged over AU_PASSES passes: a layer's posterior mean depends on the
+            # latents sampled above it, whose noise would otherwise count as activity.
+            mean = torch.cat([t.mu_q.float() for t in terms], dim=-1)
+            for _ in range(AU_PASSES - 1):
+                mean += torch.cat([t.mu_q.float() for t in model.layers(x, generator=generator)], dim=-1)
+            means.append((mean / AU_PASSES).cpu())
             n += len(x)
     model.train(was_training)
     if n == 0:

@@ -60,10 +60,12 @@ class VaeParams:
     layers: int = 10            # stochastic layers L (srvae: also the number of observed blocks)
     latents: int = 10           # latent units per layer
     hidden: int | None = None   # hidden width of every MLP; None: 256 for srvae, matched to srvae's parameters otherwise
+    warmup: int = 0             # KL warm-up: the KL term's weight grows linearly 0 -> 1 over this many training passes
 
     def __post_init__(self) -> None:
         check_range("layers", self.layers, 1, 64, integer=True)
         check_range("latents", self.latents, 1, 1024, integer=True)
+        check_range("warmup", self.warmup, 0, 10**9, integer=True)
         if self.hidden is not None:
             check_range("hidden", self.hidden, 1, 8192, integer=True)
 
@@ -131,12 +133,23 @@ class HierarchicalVAE(nn.Module):
         self.dim = math.prod(self.input_shape)
         self.params = params
         self.latents, self.num_layers = params.latents, params.layers
+        # Training passes seen, for the KL warm-up (a buffer: checkpoints and saved models keep it).
+        self.register_buffer("passes", torch.zeros((), dtype=torch.long))
 
     # -- the interface -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample negative ELBO (nats), with the model's KL estimator (closed form where it exists)."""
+        """Per-sample negative ELBO (nats), with the model's KL estimator (closed form where it exists).
+
+        With ``warmup = W`` a training pass (train mode, gradients on) returns
+        ``-(log p(x | z) - beta KL)`` instead, beta = min(1, passes / W) (Sønderby et al. 2016's
+        warm-up against inactive units); evaluation always reports the ELBO itself."""
         x = self._flat(x)
         rec, kl = self._rec_kl(x, self.layers(x))
+        if self.params.warmup and self.training and torch.is_grad_enabled():
+            beta = min(1.0, float(self.passes) / self.params.warmup)
+            if beta < 1:
+                self.passes += 1
+            return -(rec - beta * kl)
         return -(rec - kl)
 
     def layers(self, x: torch.Tensor, noise: list[torch.Tensor] | None = None,

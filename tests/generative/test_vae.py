@@ -312,3 +312,24 @@ def test_every_method_refuses_a_generative_model_at_construction_or_trains_it(me
     record = trainer.fit(1)
     assert record.stopped_by in ("budget:steps", "epochs"), record.error
     assert math.isfinite(record.metrics["nll"]) and math.isfinite(record.history[0]["train_loss"])
+
+
+def test_kl_warmup_weights_the_kl_by_training_passes_and_never_changes_the_evaluation():
+    torch.manual_seed(0)
+    model = KINDS["ladder-vae"](SHAPE, VaeParams(2, 2, 8, warmup=4))
+    x = binary_images(8)
+    fixed = noise(model, len(x), 0)
+    terms = model.layers(x, noise=fixed)
+    rec, kl = model.log_likelihood(x, terms), sum(model.layer_kl(terms))
+    assert (kl > 0).all()
+    model.layers = lambda x, noise=None, generator=None, _t=terms: _t  # the same draw for every pass below
+    model.train()
+    betas = []
+    for _ in range(6):
+        out = model(x)
+        betas.append(float(((-out - rec) / -kl).mean()))
+    assert betas == pytest.approx([0, 0.25, 0.5, 0.75, 1, 1], abs=1e-5)
+    assert int(model.passes) == 4  # counted until the warm-up is over
+    model.eval()
+    assert torch.allclose(model(x), -(rec - kl))
+    assert "passes" in model.state_dict()  # checkpoints and saved models keep the warm-up's progress
