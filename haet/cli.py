@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model and write its record")
     t.add_argument("--task", help="a task from `haet tasks` (default mnist5k)")
-    t.add_argument("--model", help="a model the task accepts (default: the task's)")
+    t.add_argument("--model", metavar="NAME[:k=v,k=v]",
+                   help="a model the task accepts, with its parameters (srvae:layers=10) (default: the task's)")
     t.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,k=v]",
                    help="a method and its parameters; repeat to combine methods")
     t.add_argument("--recipe", help="fast or baseline: the recipe's model, optimizer, one-cycle schedule, methods, "
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run the baseline and methods over seeds; write a report")
     b.add_argument("--task", default="mnist5k", help="a task from `haet tasks`")
-    b.add_argument("--model", help="a model the task accepts (default: the task's)")
+    b.add_argument("--model", metavar="NAME[:k=v,k=v]",
+                   help="a model the task accepts, with its parameters (srvae:layers=10) (default: the task's)")
     b.add_argument("--methods", required=True,
                    help="comma-separated: baseline,NAME[:k=v,k=v],...; join methods with + ; `all` = every method "
                         "that fits the model (the others are listed as skipped)")
@@ -541,7 +543,7 @@ def _drop_unfit(args, entries: list[str], budget: dict, options: dict) -> tuple[
 
 def _print_comparison(summaries) -> None:
     """One table per (task, model): runs of different tasks or models are never averaged together."""
-    from .report import QUANTITIES, cell
+    from .report import cell, visible
 
     sections = list(dict.fromkeys((s.task, s.model) for s in summaries))
     targets = any(s.targets for s in summaries)
@@ -550,7 +552,9 @@ def _print_comparison(summaries) -> None:
         table = Table(title=f"haet bench: {where}mean ± std over seeds (ratio to baseline)")
         table.add_column("method")
         table.add_column("runs", justify="right")
-        for _, heading, unit, _ in QUANTITIES:
+        section = [s for s in summaries if (s.task, s.model) == (task, model)]
+        shown = visible(section)
+        for _, heading, unit, _ in shown:
             table.add_column(f"{heading} ({unit})" if unit else heading, justify="right")
         if targets:
             table.add_column("time to target", justify="right")
@@ -558,9 +562,9 @@ def _print_comparison(summaries) -> None:
         contended = any(s.contended for s in summaries)
         if contended:
             table.add_column("timing")
-        for s in (s for s in summaries if (s.task, s.model) == (task, model)):
+        for s in section:
             mark = [f"[yellow]⚠ {s.contended}/{s.runs} contended[/yellow]" if s.contended else "ok"] if contended else []
-            table.add_row(s.method, str(s.runs), *(cell(s, k) for k, *_ in QUANTITIES),
+            table.add_row(s.method, str(s.runs), *(cell(s, k) for k, *_ in shown),
                           *([s.targets or "–"] if targets else []), s.energy_source, *mark)
         out.print(table)
     if any(s.contended for s in summaries):

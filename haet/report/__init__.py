@@ -28,14 +28,29 @@ from ..core import files
 from ..core.errors import ConfigError
 from ..core.record import RunRecord
 
-COLUMNS = ("task", "model", "method", "seed", "accuracy", "loss", "train_s", "wall_s", "peak_mem_mb", "flops",
+COLUMNS = ("task", "model", "method", "seed", "accuracy", "loss", "nll", "train_s", "wall_s", "peak_mem_mb", "flops",
            "energy_j", "energy_source", "epochs", "steps", "stopped_by", "target", "time_to_target_s", "contended", "threads",
            "record")
 
 #: The summary's quantities: (key, heading, unit, lower is better).
-QUANTITIES = (("accuracy", "accuracy", "", False), ("train_s", "train time", "s", True),
+QUANTITIES = (("accuracy", "accuracy", "", False), ("nll", "test NLL", "nats", True), ("train_s", "train time", "s", True),
               ("peak_mem_mb", "peak memory", "MiB", True), ("flops", "FLOPs", "", True),
               ("energy_j", "energy", "J", True))
+#: Quality measures: a section shows those its runs report (accuracy for classifiers, NLL for generative models).
+QUALITY = ("accuracy", "nll")
+
+
+def visible(summaries: list["Summary"]) -> list[tuple]:
+    """The QUANTITIES to show for one (task, model) section: every cost, and the quality measures
+    some run of the section reports."""
+    return [q for q in QUANTITIES if q[0] not in QUALITY or any(s.mean.get(q[0]) is not None for s in summaries)]
+
+
+def quality_key(summaries: list["Summary"]) -> str:
+    """What the section's plots put on the y axis: accuracy, or the NLL when no run has an accuracy."""
+    if any(s.mean.get("accuracy") is not None for s in summaries):
+        return "accuracy"
+    return "nll" if any(s.mean.get("nll") is not None for s in summaries) else "accuracy"
 
 
 def find_records(dirs) -> list[tuple[Path, RunRecord]]:
@@ -59,7 +74,7 @@ def rows(records: list[tuple[Path, RunRecord]]) -> list[dict]:
     for path, r in records:
         c = r.cost
         out.append({"task": r.task, "model": r.model, "method": r.method_label, "seed": r.seed,
-                    "accuracy": r.metrics.get("accuracy"), "loss": r.metrics.get("loss"),
+                    "accuracy": r.metrics.get("accuracy"), "loss": r.metrics.get("loss"), "nll": r.metrics.get("nll"),
                     "train_s": c.get("train_s"), "wall_s": c.get("wall_s"), "peak_mem_mb": c.get("peak_mem_mb"),
                     "flops": c.get("flops"), "energy_j": c.get("energy_j"), "energy_source": c.get("energy_source"),
                     "epochs": r.epochs, "steps": r.steps, "stopped_by": r.stopped_by,
@@ -144,6 +159,8 @@ def fmt(value, key: str) -> str:
         return "–"
     if key == "accuracy":
         return f"{value:.4f}"
+    if key == "nll":
+        return f"{value:.2f}"
     if key == "flops":
         return f"{value:.3g}"
     if key == "train_s":
@@ -155,7 +172,9 @@ def cell(s: Summary, key: str) -> str:
     text = fmt(s.mean[key], key)
     if s.runs > 1 and s.std[key] is not None:
         text += f" ± {fmt(s.std[key], key)}"
-    if key != "accuracy" and s.ratio.get(key) is not None and s.method != "baseline":
+    if key == "nll" and s.ratio.get(key) is not None and s.method != "baseline":
+        text += f" ({s.mean[key] - s.mean[key] / s.ratio[key]:+.2f} nats)"
+    elif key != "accuracy" and s.ratio.get(key) is not None and s.method != "baseline":
         text += f" ({s.ratio[key]:.2f}×)"
     elif key == "accuracy" and s.ratio.get(key) is not None and s.method != "baseline":
         text += f" ({(s.mean[key] - s.mean[key] / s.ratio[key]) * 100:+.1f} pt)"
@@ -171,7 +190,7 @@ def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot
     sections = list(dict.fromkeys((s.task, s.model) for s in summaries))
     lines = [f"# haet report: {', '.join(tasks)} ({', '.join(models)})", "",
              f"{len(table)} runs; seeds {', '.join(map(str, seeds))}. Mean ± std over seeds; in brackets, the "
-             "ratio to the baseline's mean (accuracy: the difference in points). Train time excludes evaluation. "
+             "ratio to the baseline's mean (accuracy: the difference in points; NLL: in nats). Train time excludes evaluation. "
              "Energy: source in the last column (`model` = estimated by haet's energy model, not measured).", ""]
     contended = sum(s.contended for s in summaries)
     if contended:
@@ -182,19 +201,21 @@ def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot
     for task, model in sections:
         if len(sections) > 1:
             lines += [f"## {md(task)} / {md(model)}", ""]
-        lines += ["| method | runs | " + " | ".join(f"{h} ({u})" if u else h for _, h, u, _ in QUANTITIES)
+        section = [s for s in summaries if (s.task, s.model) == (task, model)]
+        shown = visible(section)
+        lines += ["| method | runs | " + " | ".join(f"{h} ({u})" if u else h for _, h, u, _ in shown)
                   + (" | time to target |" if targets else " |") + " energy source | stopped by |"
                   + (" timing |" if contended else ""),
-                  "|---|---|" + "---|" * len(QUANTITIES) + ("---|" if targets else "") + "---|---|"
+                  "|---|---|" + "---|" * len(shown) + ("---|" if targets else "") + "---|---|"
                   + ("---|" if contended else "")]
-        for s in (s for s in summaries if (s.task, s.model) == (task, model)):
+        for s in section:
             mark = (f" ⚠ {s.contended}/{s.runs} contended |" if s.contended else " ok |") if contended else ""
-            lines.append(f"| {md(s.method)} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in QUANTITIES)
+            lines.append(f"| {md(s.method)} | {s.runs} | " + " | ".join(cell(s, k) for k, *_ in shown)
                          + (f" | {md(s.targets) if s.targets else '–'}" if targets else "")
                          + f" | {md(s.energy_source)} | {md(s.stopped_by)} |" + mark)
         figure = plot.get((task, model)) if isinstance(plot, dict) else plot
         if figure is not None:
-            lines += ["", f"![accuracy against cost]({figure.name})"]
+            lines += ["", f"![{quality_key(section)} against cost]({figure.name})"]
         lines.append("")
     lines += ["Per-run rows: `results.csv`; full records: the `record.json` files it lists.", ""]
     return files.write_text(path, "\n".join(lines))
@@ -217,6 +238,8 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     axes_spec = [("train_s", "train time (s)"), ("energy_j", "energy (J)"), ("peak_mem_mb", "peak memory (MiB)")]
+    quality = quality_key(summaries)
+    sign = 1 if quality == "accuracy" else -1  # the front keeps the highest accuracy, or the lowest NLL
     energy_sources = sorted({s.energy_source for s in summaries})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = plt.get_cmap("tab20").colors  # 20 colours and 7 markers: every method keeps its own look
@@ -224,12 +247,12 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
     for ax, (key, xlabel) in zip(axes, axes_spec):
         pts = []
         for i, s in enumerate(summaries):
-            x, y = s.mean.get(key), s.mean.get("accuracy")
+            x, y = s.mean.get(key), s.mean.get(quality)
             if x is None or y is None:
                 continue
-            pts.append((x, y))
+            pts.append((x, sign * y))
             is_base = s.method == "baseline"
-            ax.errorbar(x, y, xerr=s.std.get(key) or 0, yerr=s.std.get("accuracy") or 0,
+            ax.errorbar(x, y, xerr=s.std.get(key) or 0, yerr=s.std.get(quality) or 0,
                         fmt="*" if is_base else markers[i % len(markers)], ms=14 if is_base else 7,
                         color="black" if is_base else colors[(2 * i + i // 10) % len(colors)],
                         capsize=3, label=s.method, zorder=3)
@@ -238,16 +261,16 @@ def plot_pareto(summaries: list[Summary], path: Path, title: str = "") -> Path:
                 ax.axvline(x, color="gray", ls="--", lw=0.8)
         front = pareto_front(pts)
         if len(front) > 1:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", alpha=0.5,
+            ax.step([p[0] for p in front], [sign * p[1] for p in front], where="post", color="tab:red", alpha=0.5,
                     lw=1.5, label="Pareto front" if ax is axes[0] else None, zorder=2)
         if key == "energy_j":
             xlabel = f"energy (J, {'/'.join(energy_sources)})"
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy" if quality == "accuracy" else "test NLL (nats, lower is better)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 6)), fontsize=8, frameon=False)
-    fig.suptitle(title or "accuracy against cost (baseline: black star; mean ± std over seeds)")
+    fig.suptitle(title or f"{quality} against cost (baseline: black star; mean ± std over seeds)")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     try:  # into a file haet opened itself: never through a symlink
         files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
@@ -273,7 +296,8 @@ def build_report(dirs, out: Path | None = None) -> dict:
             name = "pareto.png" if i == 0 else f"pareto-{_slug(task)}-{_slug(model)}.png"
             plots[(task, model)] = plot_pareto([s for s in summaries if (s.task, s.model) == (task, model)],
                                                out / name, title=f"{files.plain(task)} / {files.plain(model)}: "
-                                               "accuracy against cost (baseline: black star; mean ± std over seeds)")
+                                               f"{quality_key([s for s in summaries if (s.task, s.model) == (task, model)])}"
+                                               " against cost (baseline: black star; mean ± std over seeds)")
         plot = next(iter(plots.values()))
         return {"results": write_csv(table, out / "results.csv"),
                 "report": write_markdown(table, summaries, out / "report.md", plots),

@@ -333,3 +333,16 @@ def test_kl_warmup_weights_the_kl_by_training_passes_and_never_changes_the_evalu
     model.eval()
     assert torch.allclose(model(x), -(rec - kl))
     assert "passes" in model.state_dict()  # checkpoints and saved models keep the warm-up's progress
+
+
+def test_bench_and_report_of_a_generative_task_show_the_nll_not_an_accuracy(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--task", "digits-bin:iw=2", "--model", "srvae:layers=2,latents=2,hidden=16",
+                 "--methods", "baseline,ema", "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test NLL" in printed and "accuracy" not in printed
+    report = (out / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| method"))
+    assert "test NLL (nats)" in header and "accuracy" not in header
+    assert "nats)" in next(line for line in report.splitlines() if line.startswith("| ema"))  # the difference in nats
+    assert (out / "pareto.png").stat().st_size > 0
