@@ -418,6 +418,8 @@ def _print_summary(record, out_dir: Path) -> None:
     if c.get("energy_source") == "model":
         out.print("[dim]energy is estimated by haet's energy model (FLOPs and bytes moved at 45 nm), not measured[/dim]")
     out.print(f"record: {out_dir / 'record.json'}")
+    if (out_dir / "samples.png").is_file() and "nll" in record.metrics:
+        out.print(f"samples: {out_dir / 'samples.png'}")
 
 
 def _last_eval_step(record) -> str:

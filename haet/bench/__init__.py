@@ -33,7 +33,7 @@ from ..data.tasks import check_model_for_task, get_task
 from ..methods import parse_entry
 from ..models import build_model
 
-OUTPUT_FILES = ("record.json", "metrics.jsonl", "checkpoint.pt", "config.json")   # one run's folder
+OUTPUT_FILES = ("record.json", "metrics.jsonl", "checkpoint.pt", "config.json", "samples.png")   # one run's folder
 REPORT_FILES = ("results.csv", "report.md", "pareto.png")                          # a bench's or report's folder
 STOPS = ("interrupt", "terminated")  # stop reasons that end a whole bench
 
@@ -177,6 +177,11 @@ def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, ch
         record.method_metrics.update(notes)
         if trainer.record_path is not None:
             record.save(out_dir)
+    if write_config and getattr(trainer.state.unwrapped_model, "generative", False):
+        from ..generative import save_samples
+
+        save_samples(trainer.state.unwrapped_model, out_dir / "samples.png",
+                     title=f"{task.name} / {a['model_name']}: samples, seed 0")
     return record
 
 

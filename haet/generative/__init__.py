@@ -31,7 +31,7 @@ from ..data.loader import Loader, TensorData
 from .models import HVAE, SRVAE, HierarchicalVAE, LadderVAE, VaeParams, build_vae, matched_hidden
 
 __all__ = ["HierarchicalVAE", "SRVAE", "LadderVAE", "HVAE", "VaeParams", "build_vae", "matched_hidden",
-           "negative_elbo", "generative_eval", "iw_nll", "is_generative"]
+           "negative_elbo", "generative_eval", "iw_nll", "is_generative", "save_samples"]
 
 #: Posterior passes averaged for the active-units count.
 AU_PASSES = 8
@@ -112,3 +112,34 @@ def generative_eval(model: torch.nn.Module, data: Any, device: torch.device, *, 
     out["bits_per_dim"] = out["nll"] / (model.dim * math.log(2))
     out["iw_samples"] = iw_samples
     return {"loss": out["neg_elbo"], **out}
+
+
+def save_samples(model: HierarchicalVAE, path, n: int = 16, seed: int = 0, title: str = ""):
+    """A PNG grid of `n` samples (pixel probabilities) drawn from the model with a seeded generator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..core import files
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    images = model.sample(n, torch.Generator(device=device).manual_seed(seed)).float().cpu()
+    model.train(was_training)
+    side = math.ceil(math.sqrt(n))
+    h, w = images.shape[-2:] if images.dim() >= 3 else (1, images.shape[-1])
+    grid = torch.zeros(side * h, side * w)
+    for i, img in enumerate(images.reshape(n, h, w)):
+        r, c = divmod(i, side)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    ax.set_title(title or f"{n} samples (pixel probabilities), seed {seed}", fontsize=9)
+    fig.tight_layout()
+    try:  # into a file haet opened itself: never through a symlink
+        return files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)

@@ -232,7 +232,8 @@ def test_cli_trains_a_generative_model_saves_and_evaluates_it(tmp_path, capsys):
     assert record["metrics"]["bits_per_dim"] == pytest.approx(record["metrics"]["nll"] / (64 * math.log(2)))
     assert record["cost"]["target"] == "nll<=1.0" or record["cost"]["target"] == "nll<=1"
     printed = capsys.readouterr().out
-    assert "test NLL" in printed and "bits/dim" in printed
+    assert "test NLL" in printed and "bits/dim" in printed and "samples.png" in printed
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = haet.load_model(out)
     assert isinstance(model, SRVAE) and model.num_layers == 2
     assert main(["eval", str(out)]) == 0
@@ -346,3 +347,16 @@ def test_bench_and_report_of_a_generative_task_show_the_nll_not_an_accuracy(tmp_
     assert "test NLL (nats)" in header and "accuracy" not in header
     assert "nats)" in next(line for line in report.splitlines() if line.startswith("| ema"))  # the difference in nats
     assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_bf16_training_keeps_densities_in_float32():
+    task = get_task("digits-bin:iw=4")
+    train, test = task.load(0, None)
+    haet.seed_everything(0)
+    model = build_model("srvae:layers=2,latents=3,hidden=32", task.input_shape, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.layers(binary_images(4))
+    assert all(t.mu_q.dtype == t.z.dtype == torch.float32 for t in terms)
+    record = haet.Trainer(model, train, test, loss_fn=task.loss_fn, eval_fn=task.eval_fn, progress=False,
+                          device="cpu", precision="bf16", budget=haet.Budget(steps=10)).fit(1)
+    assert math.isfinite(record.metrics["nll"]) and "bfloat16" in record.cost["flops_by_dtype"]
