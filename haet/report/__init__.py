@@ -120,7 +120,7 @@ def _summarize_section(table: list[dict], baseline: str, task, model) -> list[Su
         runs = [r for r in table if r["method"] == label]
         mean, std = {}, {}
         for key, *_ in QUANTITIES:
-            values = [r[key] for r in runs if isinstance(r[key], (int, float))]
+            values = [r.get(key) for r in runs if isinstance(r.get(key), (int, float))]
             mean[key] = statistics.fmean(values) if values else None
             std[key] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
         sources = sorted({str(r["energy_source"]) for r in runs})
