@@ -68,7 +68,8 @@ def run_one(job: dict) -> dict:
     task = get_task(job["task"])
     train, test = task.load(job["seed"], None)
     haet.seed_everything(job["seed"])
-    spec = f"{job['model']}:layers={job['layers']},latents={job['latents']},warmup={job['warmup']}"
+    sep = "," if ":" in job["model"] else ":"
+    spec = f"{job['model']}{sep}layers={job['layers']},latents={job['latents']},warmup={job['warmup']}"
     model = build_model(spec, task.input_shape, 10)
     trainer = haet.Trainer(model, train, test, loss_fn=task.loss_fn, progress=False, device="cpu", seed=job["seed"],
                            eval_fn=curve_eval(job["curve_every"], job["curve_iw"], job["curve_size"]),
@@ -153,16 +154,20 @@ def main() -> None:
     p.add_argument("--curve-every", type=int, default=2, help="epochs between curve estimates")
     p.add_argument("--plots", default="docs", help="folder for srvae_curves.png and srvae_samples.png ('' for none)")
     p.add_argument("--task", default="mnist5k-bin")
+    p.add_argument("--models", default=";".join(MODELS),
+                   help="model specs separated by ';' (e.g. 'srvae:residual=false' for the ablation without the "
+                        "previous-block link); the comparison and plots need the three defaults")
     p.add_argument("--quick", action="store_true", help="digits-bin, 4 layers x 4 latents, 8 s, 1 seed, K = 50")
     a = p.parse_args()
     if a.quick:
         a.task, a.layers, a.latents, a.seconds, a.seeds, a.iw, a.plots, a.warmup = "digits-bin", 4, 4, 8.0, 1, 50, "", 200
+    models = [m.strip() for m in a.models.split(";") if m.strip()]
     print(header("benchmarks/srvae.py", 1))
     print(f"task {a.task}, {a.layers} layers x {a.latents} latents, KL warm-up over {a.warmup} passes, {a.seconds:.0f} s of training per run, seeds "
           f"0..{a.seeds - 1}, {a.workers} runs at a time (1 thread each), final NLL with K = {a.iw} on the whole test set")
     jobs = [{"task": a.task, "model": m, "seed": s, "layers": a.layers, "latents": a.latents, "seconds": a.seconds,
              "iw": a.iw, "warmup": a.warmup, "curve_every": a.curve_every, "curve_iw": 20, "curve_size": 500}
-            for s in range(a.seeds) for m in MODELS]
+            for s in range(a.seeds) for m in models]
     results = []
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for r in pool.map(run_one, jobs):
@@ -174,14 +179,16 @@ def main() -> None:
             results.append(r)
 
     print(f"\nmedian over {a.seeds} seed(s): test NLL with K = {a.iw} (nats; bits/dim), equal parameters and time")
-    by = {m: [r for r in results if r["model"] == m] for m in MODELS}
-    med = {m: statistics.median(r["final"]["nll"] for r in by[m]) for m in MODELS}
-    for m in MODELS:
+    by = {m: [r for r in results if r["model"] == m] for m in models}
+    med = {m: statistics.median(r["final"]["nll"] for r in by[m]) for m in models}
+    for m in models:
         vals = [r["final"]["nll"] for r in by[m]]
         print(f"  {m:10s} params {by[m][0]['params']:,}  NLL {med[m]:.2f} ({statistics.median(r['final']['bits_per_dim'] for r in by[m]):.4f} bits/dim)  "
               f"range {min(vals):.2f}..{max(vals):.2f}  -ELBO {statistics.median(r['final']['neg_elbo'] for r in by[m]):.2f}  "
               f"epochs {statistics.median(r['epochs'] for r in by[m]):.0f}  "
               f"ms/step {1e3 * statistics.median(r['train_s'] / max(r['steps'], 1) for r in by[m]):.1f}")
+    if not all(m in by for m in MODELS):
+        return
     wins = sum(1 for s in range(a.seeds)
                if next(r for r in by["srvae"] if r["seed"] == s)["final"]["nll"]
                < min(next(r for r in by[m] if r["seed"] == s)["final"]["nll"] for m in ("ladder-vae", "hvae")))
@@ -203,7 +210,7 @@ def main() -> None:
         base_t = first_time_at(runs[ref_model]["curve"], ref)
         ratio = f"  ({base_t / srv:.1f}x less time for srvae)" if srv and base_t else ""
         print(f"  seed {s}: reference {ref_model} {ref:.2f} nats: " + ", ".join(parts) + ratio)
-    if a.plots:
+    if a.plots and all(m in models for m in MODELS):
         for path in plots(results, Path(a.plots)):
             print(f"plot: {path}")
 

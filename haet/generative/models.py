@@ -15,7 +15,8 @@ vector is split into L raster blocks x_1..x_L. With a learned start code z_0, fo
     prior       p(eps_l | z_{l-1}) = N(mu_p(z_{l-1}), sigma_p(z_{l-1}))
     bijector    z_l = c(z_{l-1}) + (diag(d(z_{l-1})) + u(z_{l-1}) u(z_{l-1})^T) eps_l,
                 0 < d < 2, |u|^2 < 1 (positive definite, so invertible)
-    data layer  p(x_l | z_l, x_{l-1}) = Bernoulli(sigmoid(g_l(z_l) + R_l x_{l-1}))   (R_1 = 0)
+    data layer  p(x_l | z_l, x_{l-1}) = Bernoulli(sigmoid(g_l(z_l) + R_l x_{l-1}))   (R_1 = 0;
+                ``residual=false``: R_l = 0, p(x_l | z_l), an ablation)
     posterior   q(eps_l | z_{l-1}, x) = N(mu_q([e(x), z_{l-1}]), sigma_q([e(x), z_{l-1}]))
 
 with e(x) a deterministic encoding of the whole image. The posterior samples eps_l and maps it
@@ -61,6 +62,7 @@ class VaeParams:
     latents: int = 10           # latent units per layer
     hidden: int | None = None   # hidden width of every MLP; None: 256 for srvae, matched to srvae's parameters otherwise
     warmup: int = 0             # KL warm-up: the KL term's weight grows linearly 0 -> 1 over this many training passes
+    residual: bool = True       # srvae only: the data layer reads the previous block, p(x_l | z_l, x_{l-1}); false: p(x_l | z_l)
 
     def __post_init__(self) -> None:
         check_range("layers", self.layers, 1, 64, integer=True)
@@ -220,7 +222,8 @@ class SRVAE(HierarchicalVAE):
         self.bijector = nn.ModuleList(_mlp(m, h, 3 * m) for _ in range(L))
         self.posterior = nn.ModuleList(_mlp(h + m, h, 2 * m) for _ in range(L))
         self.data = nn.ModuleList(_mlp(m, h, s) for s in self.blocks)
-        self.residual = nn.ModuleList(nn.Linear(self.blocks[l - 1], self.blocks[l], bias=False) for l in range(1, L))
+        self.residual = nn.ModuleList(nn.Linear(self.blocks[l - 1], self.blocks[l], bias=False)
+                                      for l in range(1, L)) if params.residual else None
 
     def bijection(self, l: int, z_prev: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """z_l = c + (diag(d) + u u^T) eps with (c, d, u) from z_{l-1}. d in (0, 2) and |u|^2 < 1
@@ -246,7 +249,7 @@ class SRVAE(HierarchicalVAE):
 
     def block_logits(self, l: int, z: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
         logits = _wide(self.data[l](z))
-        if l > 0:
+        if l > 0 and self.residual is not None:
             logits = logits + _wide(self.residual[l - 1](x_prev))
         return logits
 
@@ -277,6 +280,9 @@ class _ChainVAE(HierarchicalVAE):
     """The generative chain shared by ladder-vae and hvae: p(z_1) = N(0, I), p(z_l | z_{l-1}), p(x | z_L)."""
 
     def __init__(self, input_shape, params: VaeParams) -> None:
+        if not params.residual:
+            raise ValueError(f"{type(self).kind}: residual applies to srvae only (its data layers read the previous "
+                             "block); drop residual=false")
         super().__init__(input_shape, params)
         h = params.hidden or matched_hidden(type(self).kind, self.input_shape, params)
         m, L = params.latents, params.layers
@@ -381,7 +387,7 @@ def matched_hidden(kind: str, input_shape: tuple[int, ...], params: VaeParams) -
     """The hidden width giving `kind` the parameter count of srvae with the same layers and latents
     (srvae at its own ``hidden``, 256 by default): the width whose count is nearest."""
     target = count_parameters("srvae", input_shape, VaeParams(params.layers, params.latents,
-                                                                   params.hidden or SRVAE_HIDDEN))
+                                                                   params.hidden or SRVAE_HIDDEN))  # with residuals
     lo, hi = 1, 8192
     while lo < hi:  # the count grows with the width: the smallest width reaching the target
         mid = (lo + hi) // 2
