@@ -360,3 +360,18 @@ def test_bf16_training_keeps_densities_in_float32():
     record = haet.Trainer(model, train, test, loss_fn=task.loss_fn, eval_fn=task.eval_fn, progress=False,
                           device="cpu", precision="bf16", budget=haet.Budget(steps=10)).fit(1)
     assert math.isfinite(record.metrics["nll"]) and "bfloat16" in record.cost["flops_by_dtype"]
+
+
+def test_srvae_data_layer_reads_the_previous_block_unless_residual_is_off():
+    x = binary_images(4)
+    for residual, moves in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        model = SRVAE(SHAPE, VaeParams(4, 3, 16, residual=residual))
+        terms = model.layers(x, noise=noise(model, len(x), 0))
+        flat = x.reshape(len(x), -1)
+        blocks = flat.split(model.blocks, dim=-1)
+        before = model.block_logits(2, terms[2].z, blocks[1])
+        after = model.block_logits(2, terms[2].z, 1 - blocks[1])
+        assert (not torch.allclose(before, after)) == moves
+    with pytest.raises(haet.ConfigError, match="srvae only"):
+        build_model("hvae:residual=false", SHAPE, 10)
