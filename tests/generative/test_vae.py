@@ -258,7 +258,7 @@ def test_bad_generative_input_is_one_line_exit_2_and_writes_nothing(tmp_path, ca
 
 
 def test_srvae_with_more_blocks_than_pixels_is_refused(tmp_path, capsys):
-    assert main(["train", "--task", "digits-bin", "--model", "srvae:layers=64", "--epochs", "1", "--quiet",
+    assert main(["train", "--task", "digits-bin:iw=2", "--model", "srvae:layers=64,hidden=16", "--epochs", "1", "--quiet",
                  "--budget", "steps=1", "--out", str(tmp_path / "ok")]) == 0
     capsys.readouterr()
     spec_err = pytest.raises(haet.ConfigError, build_model, "srvae:layers=10", (1, 2, 3), 10)
