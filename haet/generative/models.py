@@ -17,6 +17,8 @@ vector is split into L raster blocks x_1..x_L. With a learned start code z_0, fo
                 0 < d < 2, |u|^2 < 1 (positive definite, so invertible)
     data layer  p(x_l | z_l, x_{l-1}) = Bernoulli(sigmoid(g_l(z_l) + R_l x_{l-1}))   (R_1 = 0;
                 ``residual=false``: R_l = 0, p(x_l | z_l), an ablation)
+    ``reflect=false`` (an ablation): q(z_l | z_{l-1}, x) is a Gaussian on z_l itself, not mapped
+    through the bijector; log p(z_l | z_{l-1}) = log N(B^-1(z_l)) - log |det B| and the KL is sampled.
     posterior   q(eps_l | z_{l-1}, x) = N(mu_q([e(x), z_{l-1}]), sigma_q([e(x), z_{l-1}]))
 
 with e(x) a deterministic encoding of the whole image. The posterior samples eps_l and maps it
@@ -63,6 +65,8 @@ class VaeParams:
     hidden: int | None = None   # hidden width of every MLP; None: 256 for srvae, matched to srvae's parameters otherwise
     warmup: int = 0             # KL warm-up: the KL term's weight grows linearly 0 -> 1 over this many training passes
     residual: bool = True       # srvae only: the data layer reads the previous block, p(x_l | z_l, x_{l-1}); false: p(x_l | z_l)
+    reflect: bool = True        # srvae only: the posterior samples eps_l and shares the generative bijector;
+    #                             false: q(z_l | z_{l-1}, x) is a Gaussian on z_l itself (an ablation; KL sampled)
 
     def __post_init__(self) -> None:
         check_range("layers", self.layers, 1, 64, integer=True)
@@ -83,6 +87,9 @@ class LayerTerms(NamedTuple):
     z: torch.Tensor        # the latent passed on (srvae: bijector(eps_l))
     mu_p: torch.Tensor
     sigma_p: torch.Tensor
+    #: None: q and p are densities of `eps`. Else (srvae:reflect=false) q is a density of `z`, p one of
+    #: eps = bijector^-1(z), and this is log |det d bijector / d eps| (the change of variables).
+    log_det: torch.Tensor | None = None
 
 
 def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -174,9 +181,20 @@ class HierarchicalVAE(nn.Module):
         xk = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, -1)
         terms = self.layers(xk, noise=noise, generator=generator)
         log_w = self.log_likelihood(xk, terms)
-        for t in terms:
-            log_w = log_w + gaussian_log_prob(t.eps, t.mu_p, t.sigma_p) - gaussian_log_prob(t.eps, t.mu_q, t.sigma_q)
+        for r in self.log_ratio(terms):
+            log_w = log_w + r
         return log_w.view(k, n)
+
+    def log_ratio(self, terms: list[LayerTerms]) -> list[torch.Tensor]:
+        """Per layer, log p(z_l | parents) - log q(z_l | x, parents) at the sampled latents (N,) each."""
+        out = []
+        for t in terms:
+            if t.log_det is None:
+                out.append(gaussian_log_prob(t.eps, t.mu_p, t.sigma_p) - gaussian_log_prob(t.eps, t.mu_q, t.sigma_q))
+            else:
+                out.append(gaussian_log_prob(t.eps, t.mu_p, t.sigma_p) - t.log_det
+                           - gaussian_log_prob(t.z, t.mu_q, t.sigma_q))
+        return out
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, *, binary: bool = False) -> torch.Tensor:
@@ -196,7 +214,10 @@ class HierarchicalVAE(nn.Module):
         return self.log_likelihood(x, terms), kl
 
     def layer_kl(self, terms: list[LayerTerms]) -> list[torch.Tensor]:
-        """Per-layer KL terms (N,) each: closed form (both Gaussians given the same parents)."""
+        """Per-layer KL terms (N,) each: closed form when q and p are Gaussians of the same variable
+        given the same parents, else the one-sample estimate log q - log p."""
+        if any(t.log_det is not None for t in terms):
+            return [-r for r in self.log_ratio(terms)]
         return [gaussian_kl(t.mu_q, t.sigma_q, t.mu_p, t.sigma_p) for t in terms]
 
     def _noise_for(self, noise, l: int, like: torch.Tensor, generator) -> torch.Tensor:
@@ -229,10 +250,21 @@ class SRVAE(HierarchicalVAE):
         """z_l = c + (diag(d) + u u^T) eps with (c, d, u) from z_{l-1}. d in (0, 2) and |u|^2 < 1
         keep the matrix positive definite (invertible) with eigenvalues below 3: unbounded, the
         scale of z would compound from layer to layer (u grows with z, and z with |u|^2)."""
-        c, d, u = _wide(self.bijector[l](z_prev)).chunk(3, dim=-1)
-        d = 2 * torch.sigmoid(d) + MIN_SIGMA
-        u = torch.tanh(u) / math.sqrt(self.latents)
+        c, d, u = self._bijector_params(l, z_prev)
         return c + d * eps + u * (u * eps).sum(-1, keepdim=True)
+
+    def _bijector_params(self, l: int, z_prev: torch.Tensor):
+        c, d, u = _wide(self.bijector[l](z_prev)).chunk(3, dim=-1)
+        return c, 2 * torch.sigmoid(d) + MIN_SIGMA, torch.tanh(u) / math.sqrt(self.latents)
+
+    def inverse(self, l: int, z_prev: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, log |det J|) with z = bijection(l, z_prev, eps): Sherman-Morrison for the inverse of
+        diag(d) + u u^T and the matrix determinant lemma, det = prod(d) (1 + u^T diag(d)^-1 u)."""
+        c, d, u = self._bijector_params(l, z_prev)
+        a, w = (z - c) / d, u / d
+        s = 1 + (u * w).sum(-1, keepdim=True)
+        eps = a - w * (u * a).sum(-1, keepdim=True) / s
+        return eps, torch.log(d).sum(-1) + torch.log(s).squeeze(-1)
 
     def layers(self, x, noise=None, generator=None):
         x = self._flat(x)
@@ -242,9 +274,14 @@ class SRVAE(HierarchicalVAE):
         for l in range(self.num_layers):
             mu_p, sigma_p = _gaussian(self.prior[l](z))
             mu_q, sigma_q = _gaussian(self.posterior[l](torch.cat([e, z.to(e.dtype)], dim=-1)))
-            eps = mu_q + sigma_q * self._noise_for(noise, l, mu_q, generator)
-            z = self.bijection(l, z, eps)
-            out.append(LayerTerms(mu_q, sigma_q, eps, z, mu_p, sigma_p))
+            sample = mu_q + sigma_q * self._noise_for(noise, l, mu_q, generator)
+            if self.params.reflect:  # q on eps_l, through the generative bijector
+                z = self.bijection(l, z, sample)
+                out.append(LayerTerms(mu_q, sigma_q, sample, z, mu_p, sigma_p))
+            else:  # q on z_l directly; the prior's density at z_l needs the inverse and its Jacobian
+                eps, log_det = self.inverse(l, z, sample)
+                z = sample
+                out.append(LayerTerms(mu_q, sigma_q, eps, z, mu_p, sigma_p, log_det))
         return out
 
     def block_logits(self, l: int, z: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
@@ -280,9 +317,9 @@ class _ChainVAE(HierarchicalVAE):
     """The generative chain shared by ladder-vae and hvae: p(z_1) = N(0, I), p(z_l | z_{l-1}), p(x | z_L)."""
 
     def __init__(self, input_shape, params: VaeParams) -> None:
-        if not params.residual:
-            raise ValueError(f"{type(self).kind}: residual applies to srvae only (its data layers read the previous "
-                             "block); drop residual=false")
+        if not params.residual or not params.reflect:
+            raise ValueError(f"{type(self).kind}: residual and reflect apply to srvae only; drop "
+                             f"{'residual' if not params.residual else 'reflect'}=false")
         super().__init__(input_shape, params)
         h = params.hidden or matched_hidden(type(self).kind, self.input_shape, params)
         m, L = params.latents, params.layers
@@ -370,8 +407,7 @@ class HVAE(_ChainVAE):
     def layer_kl(self, terms):
         """One-sample estimates log q(z_l | z_{l+1}) - log p(z_l | z_{l-1}): q and p condition on
         different layers, so there is no closed form."""
-        return [gaussian_log_prob(t.eps, t.mu_q, t.sigma_q) - gaussian_log_prob(t.eps, t.mu_p, t.sigma_p)
-                for t in terms]
+        return [-r for r in self.log_ratio(terms)]
 
 
 KINDS: dict[str, type[HierarchicalVAE]] = {"srvae": SRVAE, "ladder-vae": LadderVAE, "hvae": HVAE}
