@@ -1,7 +1,8 @@
 """The self-reflective VAE against a ladder VAE and a hierarchical VAE of the same size and training time.
 
     flock /tmp/haet-cpu.lock python benchmarks/srvae.py [--seconds 240] [--seeds 3] [--iw 1000]
-        [--layers 10] [--latents 10] [--workers 2] [--plots docs] [--quick]
+        [--layers 10] [--latents 10] [--workers 2] [--warmup 2000] [--models "srvae;ladder-vae;hvae"]
+        [--plots docs] [--quick]
 
 Target from the paper (Apostolopoulou et al., ICLR 2021 submission): on dynamically binarized
 MNIST, the MLP self-reflective VAE (10 layers x 10 latents) reaches a lower importance-weighted
@@ -19,7 +20,9 @@ During training a cheap estimate is logged after every `--curve-every` epochs (K
 samples on the first 500 test images); at the end the test NLL is estimated with K = `--iw` on all
 1,000 test images. The time each model needs to reach the best baseline's NLL is read from the
 curves (same estimator for every model: the best baseline's last curve value is the reference).
-Plots: NLL against training time, and samples from each model.
+Plots: NLL against training time, and samples from each model. Ablations of srvae run the same
+protocol alone: ``--models "srvae:residual=false"`` (no previous-block link in the data layers),
+``--models "srvae:reflect=false"`` (a posterior on z that does not share the generative bijector).
 """
 
 from __future__ import annotations
