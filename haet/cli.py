@@ -590,13 +590,16 @@ def cmd_eval(args) -> int:
     from .core.evaluation import evaluate
     from .core.saving import load_model, read_meta
     from .core.trainer import resolve_device
-    from .data.tasks import get_task
+    from .data.tasks import check_model_for_task, get_task
+    from .models import MODELS
 
     meta = read_meta(args.dir)
     name = args.task or meta["task"]
     if not name:
         raise ConfigError(f"{args.dir}: the saved model names no task; pass --task")
     task = get_task(name)
+    if meta["model"] and meta["model"].partition(":")[0] in MODELS:
+        check_model_for_task(task, meta["model"])  # a VAE on a classification task, say: one clear line
     device = resolve_device(args.device)
     model = load_model(args.dir, device=device)
     _, test = task.load(meta["seed"], args.data_dir)  # the test split the model was trained against
@@ -605,7 +608,7 @@ def cmd_eval(args) -> int:
             metrics = task.eval_fn(model, test, device)
         else:
             metrics = evaluate(model, test, task.loss_fn or torch.nn.functional.cross_entropy, device)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise ConfigError(f"the model in {args.dir} (trained on {meta['task']}) does not take {task.name}'s "
                           f"inputs: {str(err).splitlines()[0]}") from None
     table = Table(title=f"haet eval: {args.dir} on {task.name} (test split of seed {meta['seed']})")

@@ -409,3 +409,14 @@ def test_srvae_without_reflection_keeps_the_factorization_with_a_posterior_on_z(
     rec = model.log_likelihood(x, base)
     one = model.log_weights(x, 1, noise=noise(model, len(x), 0))[0]
     assert torch.allclose(rec - kl, one, atol=1e-4)  # the sampled ELBO of that draw
+
+
+def test_eval_of_a_vae_on_another_task_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "vae"
+    assert main(["train", "--task", "digits-bin:iw=2", "--model", "srvae:layers=2,latents=2,hidden=8", "--epochs", "1",
+                 "--save-model", "--quiet", "--out", str(out)]) == 0
+    capsys.readouterr()
+    for task, named in (("mnist5k", "does not fit task mnist5k"), ("mnist5k-bin", "does not take mnist5k-bin's inputs")):
+        assert main(["eval", str(out), "--task", task]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
