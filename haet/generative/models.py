@@ -62,9 +62,9 @@ class VaeParams:
     """``--model NAME:layers=10,latents=10,hidden=256``."""
     layers: int = 10            # stochastic layers L (srvae: also the number of observed blocks)
     latents: int = 10           # latent units per layer
-    hidden: int | None = None   # hidden width of every MLP; None: 256 for srvae, matched to srvae's parameters otherwise
-    warmup: int = 0             # KL warm-up: the KL term's weight grows linearly 0 -> 1 over this many training passes
-    residual: bool = True       # srvae only: the data layer reads the previous block, p(x_l | z_l, x_{l-1}); false: p(x_l | z_l)
+    hidden: int | None = None   # hidden width of every MLP; None: 256 for srvae, else matched to srvae's count
+    warmup: int = 0             # KL warm-up: the KL weight grows linearly 0 -> 1 over this many training passes
+    residual: bool = True       # srvae only: p(x_l | z_l, x_{l-1}) reads the previous block; false: p(x_l | z_l)
     reflect: bool = True        # srvae only: the posterior samples eps_l and shares the generative bijector;
     #                             false: q(z_l | z_{l-1}, x) is a Gaussian on z_l itself (an ablation; KL sampled)
 

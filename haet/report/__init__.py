@@ -33,7 +33,8 @@ COLUMNS = ("task", "model", "method", "seed", "accuracy", "loss", "nll", "train_
            "record")
 
 #: The summary's quantities: (key, heading, unit, lower is better).
-QUANTITIES = (("accuracy", "accuracy", "", False), ("nll", "test NLL", "nats", True), ("train_s", "train time", "s", True),
+QUANTITIES = (("accuracy", "accuracy", "", False), ("nll", "test NLL", "nats", True),
+              ("train_s", "train time", "s", True),
               ("peak_mem_mb", "peak memory", "MiB", True), ("flops", "FLOPs", "", True),
               ("energy_j", "energy", "J", True))
 #: Quality measures: a section shows those its runs report (accuracy for classifiers, NLL for generative models).
@@ -190,7 +191,9 @@ def write_markdown(table: list[dict], summaries: list[Summary], path: Path, plot
     sections = list(dict.fromkeys((s.task, s.model) for s in summaries))
     lines = [f"# haet report: {', '.join(tasks)} ({', '.join(models)})", "",
              f"{len(table)} runs; seeds {', '.join(map(str, seeds))}. Mean ± std over seeds; in brackets, the "
-             "ratio to the baseline's mean (accuracy: the difference in points; NLL: in nats). Train time excludes evaluation. "
+             "ratio to the baseline's mean (accuracy: the difference in points"
+             + ("; NLL: in nats" if any(s.mean.get("nll") is not None for s in summaries) else "")
+             + "). Train time excludes evaluation. "
              "Energy: source in the last column (`model` = estimated by haet's energy model, not measured).", ""]
     contended = sum(s.contended for s in summaries)
     if contended:
