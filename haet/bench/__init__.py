@@ -177,9 +177,9 @@ def execute(run: PreparedRun, out_dir: Path | None, *, progress: bool = True, ch
         record.method_metrics.update(notes)
         if trainer.record_path is not None:
             record.save(out_dir)
-    if write_config and getattr(trainer.state.unwrapped_model, "generative", False):
-        from ..generative import save_samples
+    from ..generative import is_generative, save_samples
 
+    if write_config and is_generative(trainer.state.unwrapped_model):
         save_samples(trainer.state.unwrapped_model, out_dir / "samples.png",
                      title=f"{task.name} / {a['model_name']}: samples, seed 0")
     return record

@@ -42,7 +42,7 @@ class TrainProgress:
         self._end_epoch()
         self.progress.__exit__(*exc)
 
-    def _accuracy(self) -> str:
+    def _headline(self) -> str:
         """The headline of the last evaluation: accuracy, or a generative task's NLL in nats."""
         metrics = self.state.eval_metrics
         if isinstance(metrics.get("nll"), float) and "accuracy" not in metrics:
@@ -55,12 +55,12 @@ class TrainProgress:
         if self._task is None:
             return
         if self.live:
-            self.progress.update(self._task, acc=self._accuracy())
+            self.progress.update(self._task, acc=self._headline())
         else:
             loss = "-" if self._loss is None else f"{self._loss:.4f}"
             left = self._budget_left()
             self.console.print(f"epoch {self._epoch}/{self.state.epochs}  step {self._step}  loss {loss}  "
-                               f"{self._accuracy()}  {time.perf_counter() - self._start:.1f}s"
+                               f"{self._headline()}  {time.perf_counter() - self._start:.1f}s"
                                + (f"  {left}" if left else ""), soft_wrap=True, highlight=False)
 
     def advance(self, loss: float) -> None:

@@ -16,7 +16,6 @@ load. model.json is validated as data (types, names, sizes) before anything is b
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 from pathlib import Path

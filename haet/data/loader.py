@@ -36,7 +36,7 @@ class TensorData(Dataset):
 
     def __getitems__(self, indices) -> list[tuple]:
         # DataLoader's batched fetch: a list of samples, which the default collate stacks.
-        return [(self.x[i], self.y[i]) for i in indices]
+        return [self[i] for i in indices]
 
     def to(self, device) -> "TensorData":
         return TensorData(self.x.to(device), self.y.to(device))
@@ -50,9 +50,6 @@ class BernoulliData(TensorData):
 
     def __getitem__(self, i):
         return torch.bernoulli(self.x[i]), self.y[i]
-
-    def __getitems__(self, indices) -> list[tuple]:
-        return [self[i] for i in indices]
 
     def to(self, device) -> "BernoulliData":
         return BernoulliData(self.x.to(device), self.y.to(device))
@@ -87,9 +84,11 @@ def as_tensor_data(data: Any, what: str = "this method") -> TensorData:
                       f"DataLoader over one) or a Dataset of (tensor, label) samples; got {type(data).__name__}")
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of epoch `epoch`'s data order: a function of (seed, epoch) only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """The generator of epoch `epoch`'s data order (stream 0), or of another random stream of that
+    epoch (stream 1: dynamic binarization): a function of (seed, epoch, stream) only."""
+    base = seed * 1_000_003 + epoch
+    return torch.Generator().manual_seed(base if stream == 0 else base * 7919 + stream)
 
 
 class Loader:
@@ -133,7 +132,7 @@ class Loader:
         x, y = self.data.x, self.data.y
         draws = None
         if isinstance(self.data, BernoulliData):  # a stream of its own: the data order stays as it was
-            draws = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 7919 + 1)
+            draws = epoch_generator(self.seed, self.epoch, stream=1)
         stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
         for start in range(0, stop, self.batch_size):
             pos = order[start:start + self.batch_size]

@@ -153,7 +153,8 @@ class HierarchicalVAE(nn.Module):
         ``-(log p(x | z) - beta KL)`` instead, beta = min(1, passes / W) (Sønderby et al. 2016's
         warm-up against inactive units); evaluation always reports the ELBO itself."""
         x = self._flat(x)
-        rec, kl = self._rec_kl(x, self.layers(x))
+        terms = self.layers(x)
+        rec, kl = self.log_likelihood(x, terms), sum(self.layer_kl(terms))
         if self.params.warmup and self.training and torch.is_grad_enabled():
             beta = min(1.0, float(self.passes) / self.params.warmup)
             if beta < 1:
@@ -208,10 +209,6 @@ class HierarchicalVAE(nn.Module):
                              f"got {tuple(x.shape)}")
         x = x.reshape(len(x), self.dim)
         return x if x.dtype == torch.float64 else x.float()
-
-    def _rec_kl(self, x: torch.Tensor, terms: list[LayerTerms]) -> tuple[torch.Tensor, torch.Tensor]:
-        kl = sum(self.layer_kl(terms))
-        return self.log_likelihood(x, terms), kl
 
     def layer_kl(self, terms: list[LayerTerms]) -> list[torch.Tensor]:
         """Per-layer KL terms (N,) each: closed form when q and p are Gaussians of the same variable

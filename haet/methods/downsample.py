@@ -67,6 +67,12 @@ class DownsampleConfig:
                               "resolution, where the model is evaluated; allowed: every >= 2, or until < 1")
 
 
+def require_conv(model: nn.Module) -> None:
+    """ConfigError unless `model` has a Conv1d or Conv2d layer (what downsampling pools)."""
+    if not any(type(m) in (nn.Conv1d, nn.Conv2d) for m in model.modules()):
+        raise ConfigError(f"downsample needs a convolutional model; {type(model).__name__} has no Conv1d/Conv2d layer")
+
+
 def apply_downsample(model: nn.Module, config: DownsampleConfig | None = None, *,
                      optimizer: torch.optim.Optimizer | None = None,
                      filter_fn: Callable[[str, nn.Module], bool] | None = None,
@@ -93,8 +99,7 @@ def apply_downsample(model: nn.Module, config: DownsampleConfig | None = None, *
         elif isinstance(module, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             raise ConfigError(f"downsample cannot pool the kernels of layer {name!r} ({type(module).__name__}); "
                               "it supports Conv1d and Conv2d")
-    if not any(type(m) in (nn.Conv1d, nn.Conv2d) for m in model.modules()):
-        raise ConfigError(f"downsample needs a convolutional model; {type(model).__name__} has no Conv1d/Conv2d layer")
+    require_conv(model)
 
     if example_input is not None:
         _check_low_res_size(tuple(example_input.shape[2:]), factor)
@@ -144,9 +149,7 @@ class Downsample(Method):
         self.flops_per_sample: tuple[float, float] = (0.0, 0.0)  # (full, low) forward+backward
 
     def check_model(self, model) -> None:
-        if not any(type(m) in (nn.Conv1d, nn.Conv2d) for m in model.modules()):
-            raise ConfigError(f"downsample needs a convolutional model; {type(model).__name__} has no Conv1d/Conv2d "
-                              "layer")
+        require_conv(model)
 
     def fit_start(self, state) -> None:
         c, model = self.config, state.unwrapped_model

@@ -228,7 +228,9 @@ class GradMatch(_SubsetMethod):
                                   "the model trains on other gradients; use one of them")
 
     def check_model(self, model) -> None:
-        if getattr(model, "generative", False):
+        from ..generative import is_generative
+
+        if is_generative(model):
             raise ConfigError(f"gradmatch matches a classifier's last-layer loss gradients, class by class; "
                               f"{type(model).__name__} is a generative model with no class output (random_subset "
                               "trains on subsets of any task)")

@@ -54,7 +54,9 @@ class LabelSmoothing(Method):
         self.steps = 0
 
     def check_model(self, model) -> None:
-        if getattr(model, "generative", False):
+        from ..generative import is_generative
+
+        if is_generative(model):
             raise ConfigError(f"label_smoothing smooths the targets of a classifier's cross-entropy; "
                               f"{type(model).__name__} is a generative model (its loss is the negative ELBO)")
 

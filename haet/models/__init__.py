@@ -178,4 +178,3 @@ def _register_generative_models() -> None:
 
 
 _register_generative_models()
-
